@@ -1,0 +1,83 @@
+"""trainkit: pure training steps for PyTorch, and transforms that turn them into the step you need.
+
+    state = tk.TrainState.create(model, tk.optim.adam(1e-3))
+    step = tk.compose(tk.mixed_precision(dtype=torch.bfloat16))(train_step)
+    state, history = tk.fit(step, state, train_loader, epochs=10, eval_step=eval_step, val_loader=val_loader)
+
+The transforms are imported on first use, so ``import trainkit`` stays cheap and
+torch_xla or torch.distributed load only when a step asks for them.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from . import optim
+from .checkpoint import Checkpointer, CheckpointError, load, save
+from .functional import StepHook, donating, grad, hooks, is_donating, value_and_grad
+from .loggers import CSVLogger, JSONLLogger, TensorBoardLogger, read_scalars
+from .run import EpochData, epoch_step, evaluate, fit, is_epoch_step, should_stop
+from .state import TrainState
+from .transforms import applied_transforms, compose
+
+__version__ = "0.1.0"
+
+# name -> module that defines it (imported lazily, on first attribute access)
+_LAZY = {
+    "mixed_precision": "trainkit.transforms.mixed_precision",
+    "early_stop": "trainkit.transforms.early_stop",
+    "lr_range_test": "trainkit.transforms.lr_range_test",
+    "find_lr": "trainkit.transforms.lr_range_test",
+    "LRRangeResult": "trainkit.transforms.lr_range_test",
+    "data_parallel": "trainkit.transforms.data_parallel",
+    "distributed": "trainkit.transforms.distributed",
+    "xla_sharded": "trainkit.transforms.xla_sharded",
+    "jit": "trainkit.transforms.jit",
+    "testing": "trainkit.testing",
+    "bench": "trainkit.bench",
+    "data": "trainkit.data",
+}
+
+
+def __getattr__(name: str) -> Any:
+    target = _LAZY.get(name)
+    if target is None:
+        raise AttributeError(f"module 'trainkit' has no attribute {name!r}")
+    module = importlib.import_module(target)
+    value = module if target.endswith("." + name) and not hasattr(module, name) else getattr(module, name, module)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
+
+__all__ = [
+    "TrainState",
+    "optim",
+    "value_and_grad",
+    "grad",
+    "StepHook",
+    "hooks",
+    "donating",
+    "is_donating",
+    "fit",
+    "evaluate",
+    "epoch_step",
+    "EpochData",
+    "is_epoch_step",
+    "should_stop",
+    "save",
+    "load",
+    "Checkpointer",
+    "CheckpointError",
+    "TensorBoardLogger",
+    "CSVLogger",
+    "JSONLLogger",
+    "read_scalars",
+    "compose",
+    "applied_transforms",
+    *_LAZY,
+]
