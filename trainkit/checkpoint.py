@@ -12,7 +12,7 @@ import os
 import re
 import tempfile
 from pathlib import Path
-from typing import Any, Mapping, Optional, Union
+from typing import Any, Mapping, Union
 
 import torch
 from torch import Tensor
@@ -45,7 +45,7 @@ def _plain(x: Any, where: str) -> Any:
     )
 
 
-def _payload(state: TrainState, meta: Optional[Mapping[str, Any]]) -> dict[str, Any]:
+def _payload(state: TrainState, meta: Mapping[str, Any] | None) -> dict[str, Any]:
     return {
         "format": _FORMAT,
         "version": _VERSION,
@@ -61,7 +61,7 @@ def _payload(state: TrainState, meta: Optional[Mapping[str, Any]]) -> dict[str, 
     }
 
 
-def save(state: TrainState, path: PathLike, *, meta: Optional[Mapping[str, Any]] = None) -> Path:
+def save(state: TrainState, path: PathLike, *, meta: Mapping[str, Any] | None = None) -> Path:
     """Write ``state`` to ``path`` atomically: a temp file in the same folder, fsync, rename.
 
     A crash or a full disk mid-write leaves any previous file at ``path`` intact.
@@ -221,7 +221,7 @@ class Checkpointer:
     _NAME = re.compile(r"^step-(\d+)\.pt$")
 
     def __init__(
-        self, directory: PathLike, *, every_n_steps: Optional[int] = None, every_n_epochs: int = 1, keep_last: int = 3
+        self, directory: PathLike, *, every_n_steps: int | None = None, every_n_epochs: int = 1, keep_last: int = 3
     ) -> None:
         if keep_last is not None and keep_last < 1:
             raise ValueError(f"Checkpointer: keep_last must be >= 1 (or None for all), got {keep_last}.")
@@ -245,12 +245,12 @@ class Checkpointer:
         found = [(int(m.group(1)), p) for p in self.directory.iterdir() if (m := self._NAME.match(p.name))]
         return [p for _, p in sorted(found)]
 
-    def latest(self) -> Optional[Path]:
+    def latest(self) -> Path | None:
         """The newest checkpoint, or ``None``."""
         found = self.checkpoints()
         return found[-1] if found else None
 
-    def save(self, state: TrainState, meta: Optional[Mapping[str, Any]] = None) -> Path:
+    def save(self, state: TrainState, meta: Mapping[str, Any] | None = None) -> Path:
         path = save(state, self.directory / f"step-{state.step:09d}.pt", meta=meta)
         if self.keep_last is not None:
             for old in self.checkpoints()[: -self.keep_last]:

@@ -10,7 +10,7 @@ import gzip
 import os
 import struct
 from pathlib import Path
-from typing import NamedTuple, Optional, Union
+from typing import NamedTuple, Union
 
 import torch
 from torch import Tensor
@@ -87,7 +87,7 @@ def mnist(root: Union[str, os.PathLike], *, val_size: int = 5000, seed: int = 0)
     return Splits((xtr[:-val_size], ytr[:-val_size]), (xtr[-val_size:], ytr[-val_size:]), (xte, yte))
 
 
-def loaders(splits: Splits, batch_size: int = 64, *, eval_batch_size: Optional[int] = 512) -> tuple[DataLoader, DataLoader, DataLoader]:
+def loaders(splits: Splits, batch_size: int = 64, *, eval_batch_size: int | None = 512) -> tuple[DataLoader, DataLoader, DataLoader]:
     """Train (shuffled), validation and test ``DataLoader`` s over in-memory splits.
 
     >>> train, val, test = loaders(digits(), batch_size=32)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from typing import Any, Optional, Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -68,7 +68,7 @@ def make_state(lr: float = 3e-3, epochs: int = 15, steps_per_epoch: int = 20, se
     return tk.TrainState.create(CNN(), tk.optim.adamw(schedule, weight_decay=1e-4), seed=seed)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(prog="python -m trainkit.demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--epochs", type=int, default=15)
     p.add_argument("--batch-size", type=int, default=64)
@@ -84,7 +84,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     train, val, test = tk.data.loaders(splits, args.batch_size)
     state = make_state(args.lr, args.epochs, len(train), args.seed)
     logger = tk.TensorBoardLogger(args.logdir, name="demo")
-    logger.log_hyperparams({"lr": args.lr, "epochs": args.epochs, "batch_size": args.batch_size, "data": "mnist" if args.mnist else "digits"})
+    hparams = {"lr": args.lr, "epochs": args.epochs, "batch_size": args.batch_size, "data": "mnist" if args.mnist else "digits"}
+    logger.log_hyperparams(hparams)
 
     t0 = time.perf_counter()
     state, history = tk.fit(

@@ -13,7 +13,7 @@ import os
 import re
 import struct
 from pathlib import Path
-from typing import Any, Mapping, Optional, Union
+from typing import Any, Mapping, Union
 
 __all__ = ["TensorBoardLogger", "CSVLogger", "JSONLLogger", "read_scalars", "next_version_dir"]
 
@@ -61,7 +61,7 @@ class TensorBoardLogger:
         for k, v in metrics.items():
             self._writer.add_scalar(k, float(v), global_step=int(step))
 
-    def log_hyperparams(self, params: Mapping[str, Any], metrics: Optional[Mapping[str, float]] = None) -> None:
+    def log_hyperparams(self, params: Mapping[str, Any], metrics: Mapping[str, float] | None = None) -> None:
         """Record hyperparameters (TensorBoard's HPARAMS tab, and ``hparams.json`` beside the events)."""
         from tensorboardX.summary import hparams
 

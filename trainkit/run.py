@@ -16,7 +16,7 @@ import math
 import os
 import sys
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Mapping, Optional, Union
+from typing import Any, Callable, Iterable, Mapping, Union
 
 import torch
 from torch import Tensor
@@ -115,13 +115,13 @@ class EpochData:
     """
 
     train: Iterable[Any]
-    val: Optional[Iterable[Any]] = None
+    val: Iterable[Any] | None = None
     epoch: int = 0
     skip: int = 0
-    on_step: Optional[Callable[[TrainState, Mapping[str, Any], int], bool]] = field(default=None, repr=False)
+    on_step: Callable[[TrainState, Mapping[str, Any], int], bool] | None = field(default=None, repr=False)
 
 
-def epoch_step(step: StepFn, eval_step: Optional[EvalFn] = None) -> Callable[[TrainState, EpochData], tuple[TrainState, dict[str, Any]]]:
+def epoch_step(step: StepFn, eval_step: EvalFn | None = None) -> Callable[[TrainState, EpochData], tuple[TrainState, dict[str, Any]]]:
     """Fold ``step`` over ``data.train`` (then ``eval_step`` over ``data.val``): an epoch-level step.
 
     The metrics are the batch-size-weighted means, prefixed ``train_`` and ``val_``.
@@ -213,10 +213,10 @@ def fit(
     state: TrainState,
     train_loader: Iterable[Any],
     *,
-    epochs: Optional[int] = None,
-    max_steps: Optional[int] = None,
-    eval_step: Optional[EvalFn] = None,
-    val_loader: Optional[Iterable[Any]] = None,
+    epochs: int | None = None,
+    max_steps: int | None = None,
+    eval_step: EvalFn | None = None,
+    val_loader: Iterable[Any] | None = None,
     logger: Any = None,
     checkpoint: Any = None,
     resume: Union[None, str, os.PathLike] = None,
@@ -286,7 +286,7 @@ def fit(
 
     total = max_steps if epochs is None else None
     try:
-        steps_per_epoch: Optional[int] = len(train_loader)  # type: ignore[arg-type]
+        steps_per_epoch: int | None = len(train_loader)  # type: ignore[arg-type]
     except TypeError:
         steps_per_epoch = None
     bar = None
@@ -366,7 +366,7 @@ def _on_cpu(metrics: Mapping[str, Any]) -> bool:
     return True
 
 
-def _check_finite(scalars: Mapping[str, float], step: int, epoch: Optional[int] = None) -> None:
+def _check_finite(scalars: Mapping[str, float], step: int, epoch: int | None = None) -> None:
     for k, value in scalars.items():
         if not math.isfinite(value):
             where = f"in epoch {epoch} (by step {step})" if epoch is not None else f"at step {step}"

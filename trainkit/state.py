@@ -6,7 +6,7 @@ import dataclasses
 import hashlib
 import weakref
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -38,7 +38,7 @@ class _Binder:
         self.names_p = [n for n, _ in module.named_parameters(remove_duplicate=False)]
         self.names_b = [n for n, _ in module.named_buffers(remove_duplicate=False)]
         self.bound: tuple = ()
-        self.training: Optional[bool] = None
+        self.training: bool | None = None
 
     def bind(self, module: nn.Module, params: Mapping[str, Tensor], buffers: Mapping[str, Tensor], train: bool) -> None:
         p = [params[n] for n in self.names_p]
@@ -101,8 +101,8 @@ class TrainState:
         tx: _optim.GradientTransformation,
         *,
         seed: int = 0,
-        device: Optional[torch.device | str] = None,
-        dtype: Optional[torch.dtype] = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ) -> "TrainState":
         """Make the initial state of ``module`` trained by ``tx``.
 
@@ -152,10 +152,10 @@ class TrainState:
     # ------------------------------------------------------------------ the model as a function
     def apply(
         self,
-        params: Optional[Mapping[str, Tensor]],
+        params: Mapping[str, Tensor] | None,
         *args: Any,
         train: bool = False,
-        buffers: Optional[Mapping[str, Tensor]] = None,
+        buffers: Mapping[str, Tensor] | None = None,
         **kwargs: Any,
     ) -> tuple[Any, dict[str, Tensor]]:
         """Call the module with ``params`` (``None``: ``self.params``); return ``(output, new_buffers)``.
@@ -190,7 +190,7 @@ class TrainState:
         return out, dict(buffers)
 
     # ------------------------------------------------------------------ the update
-    def apply_gradients(self, grads: Mapping[str, Tensor], *, buffers: Optional[Mapping[str, Tensor]] = None, **changes: Any) -> "TrainState":
+    def apply_gradients(self, grads: Mapping[str, Tensor], *, buffers: Mapping[str, Tensor] | None = None, **changes: Any) -> "TrainState":
         """Return the state after one optimizer update with ``grads``; ``step`` advances by one.
 
         Pure unless the caller donates the state (:func:`trainkit.donating`), in
@@ -212,7 +212,7 @@ class TrainState:
             _raise_grads_mismatch(self.params, grads)
         g = list(grads.values()) if list(grads) == list(names) else [grads[n] for n in names]
         p = list(self.params.values())
-        for name, gi, pi in zip(names, g, p):
+        for gi, pi in zip(g, p):
             if not isinstance(gi, Tensor) or gi.shape != pi.shape:
                 _raise_grads_mismatch(self.params, grads)
         ctx = _context()
@@ -282,7 +282,7 @@ _FIELDS = {f.name for f in dataclasses.fields(TrainState)}
 _CHILDREN = ("step", "params", "buffers", "opt_state", "rng", "slots")
 
 
-def _lr_or_none(opt_state: Any) -> Optional[float]:
+def _lr_or_none(opt_state: Any) -> float | None:
     try:
         return _optim.get_lr(opt_state)
     except ValueError:

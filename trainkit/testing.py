@@ -7,7 +7,7 @@ group: call it, and check what came back.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import Tensor
@@ -25,7 +25,7 @@ def _leaves_with_paths(tree: Any) -> list[tuple[str, Any]]:
     return [(pytree.keystr(path) or "<root>", leaf) for path, leaf in leaves]
 
 
-def assert_trees_close(actual: Any, expected: Any, *, rtol: Optional[float] = None, atol: Optional[float] = None) -> None:
+def assert_trees_close(actual: Any, expected: Any, *, rtol: float | None = None, atol: float | None = None) -> None:
     """Assert two pytrees (states, dicts, lists of tensors) have the same structure and close leaves.
 
     Tensors compare with ``torch.testing.assert_close`` (``rtol``/``atol`` as there);
@@ -65,7 +65,11 @@ def assert_trees_equal(actual: Any, expected: Any) -> None:
 
 def snapshot(tree: Any) -> list[tuple[str, Any, Any]]:
     """Copies of every tensor leaf with its version counter, to check later nothing changed."""
-    return [(p, x.detach().clone() if isinstance(x, Tensor) else x, x._version if isinstance(x, Tensor) else None) for p, x in _leaves_with_paths(tree)]
+    out = []
+    for path, x in _leaves_with_paths(tree):
+        is_t = isinstance(x, Tensor)
+        out.append((path, x.detach().clone() if is_t else x, x._version if is_t else None))
+    return out
 
 
 def _assert_unchanged(before: list[tuple[str, Any, Any]], tree: Any, what: str) -> None:
