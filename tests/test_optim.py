@@ -136,3 +136,26 @@ def test_schedule_advances_with_updates_and_lr_is_settable():
 def test_bad_hyperparameters_are_rejected_at_construction(make, match):
     with pytest.raises((ValueError, TypeError), match=match):
         make()
+
+
+@pytest.mark.parametrize(
+    "tx",
+    [
+        optim.sgd(0.1, 0.9, nesterov=True, weight_decay=0.01),
+        optim.adam(0.01, weight_decay=0.1),
+        optim.adamw(0.01, weight_decay=0.1),
+        optim.chain(optim.clip_by_global_norm(0.5), optim.adamw(0.01)),
+    ],
+)
+def test_fused_apply_equals_update_then_add(tx):
+    g = torch.Generator().manual_seed(0)
+    params = [torch.randn(3, 2, generator=g, dtype=torch.float64), torch.randn(4, generator=g, dtype=torch.float64)]
+    fused, unfused = [p.clone() for p in params], [p.clone() for p in params]
+    s_fused, s_unfused = tx.init(fused), tx.init(unfused)
+    for _ in range(4):
+        grads = [torch.randn(p.shape, generator=g, dtype=torch.float64) for p in params]
+        s_fused = optim.apply_updates(tx, grads, s_fused, fused)
+        updates, s_unfused = tx.update(grads, s_unfused, unfused)
+        torch._foreach_add_(unfused, updates)
+    tk.testing.assert_trees_close(fused, unfused, rtol=1e-12, atol=1e-14)
+    tk.testing.assert_trees_close(s_fused, s_unfused, rtol=1e-12, atol=1e-14)

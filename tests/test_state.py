@@ -1,5 +1,7 @@
 """TrainState: a pytree, pure by default, deterministic randomness, BatchNorm buffers as state."""
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -31,7 +33,7 @@ def test_is_a_pytree_and_tree_map_keeps_static_parts():
 
 def test_frozen_and_replace():
     s = _state()
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         s.step = 3
     assert s.replace(step=3).step == 3 and s.step == 0
     with pytest.raises(TypeError, match="unknown field"):

@@ -38,6 +38,7 @@ from torch import Tensor
 
 __all__ = [
     "GradientTransformation",
+    "apply_updates",
     "Schedule",
     "sgd",
     "adam",
@@ -59,10 +60,37 @@ ScalarOrSchedule = Union[float, Schedule]
 
 
 class GradientTransformation(NamedTuple):
-    """An ``(init, update)`` pair; see the module docstring for the contract."""
+    """An ``(init, update)`` pair, and optionally a fused ``apply``; see the module docstring.
+
+    ``apply(grads, opt_state, params) -> opt_state`` writes the new params into
+    ``params`` in place (e.g. Adam's ``addcdiv_``, as ``torch.optim`` does), saving the
+    passes over memory that materialising ``updates`` costs. When it is ``None``,
+    :func:`apply_updates` adds the updates instead.
+    """
 
     init: Callable[[list[Tensor]], Any]
     update: Callable[[list[Tensor], Any, list[Tensor]], tuple[list[Tensor], Any]]
+    apply: Callable[[list[Tensor], Any, list[Tensor]], Any] | None = None
+
+
+def apply_updates(tx: GradientTransformation, grads: list[Tensor], opt_state: Any, params: list[Tensor]) -> Any:
+    """Update ``params`` in place with ``tx`` and return the new optimizer state.
+
+    The optimizer state's tensors are updated in place too: clone first to keep the
+    old ones (:meth:`TrainState.apply_gradients` does unless the state is donated).
+
+    >>> import torch, trainkit.optim as optim
+    >>> p = [torch.tensor([1.0])]
+    >>> tx = optim.sgd(0.5)
+    >>> s = optim.apply_updates(tx, [torch.tensor([2.0])], tx.init(p), p)
+    >>> p[0].item(), s["count"]
+    (0.0, 1)
+    """
+    if tx.apply is not None:
+        return tx.apply(grads, opt_state, params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    torch._foreach_add_(params, updates)
+    return opt_state
 
 
 def _check_hparam(name: str, value: float, low: float, high: float = math.inf, *, closed_high: bool = False) -> None:
@@ -118,7 +146,7 @@ def sgd(
             state["momentum"] = [torch.zeros_like(p, memory_format=torch.preserve_format) for p in params]
         return state
 
-    def update(grads: list[Tensor], state: dict, params: list[Tensor]) -> tuple[list[Tensor], dict]:
+    def direction(grads: list[Tensor], state: dict, params: list[Tensor]) -> list[Tensor]:
         d = torch._foreach_add(grads, params, alpha=weight_decay) if weight_decay else grads
         if momentum:
             bufs = state["momentum"]
@@ -128,10 +156,16 @@ def sgd(
                 torch._foreach_mul_(bufs, momentum)
                 torch._foreach_add_(bufs, d, alpha=1 - dampening)
             d = torch._foreach_add(d, bufs, alpha=momentum) if nesterov else bufs
-        updates = torch._foreach_mul(d, -state["lr"])
-        return updates, _advance(state, schedule)
+        return d
 
-    return GradientTransformation(init, update)
+    def update(grads: list[Tensor], state: dict, params: list[Tensor]) -> tuple[list[Tensor], dict]:
+        return torch._foreach_mul(direction(grads, state, params), -state["lr"]), _advance(state, schedule)
+
+    def apply(grads: list[Tensor], state: dict, params: list[Tensor]) -> dict:
+        torch._foreach_add_(params, direction(grads, state, params), alpha=-state["lr"])
+        return _advance(state, schedule)
+
+    return GradientTransformation(init, update, apply)
 
 
 def _adam(lr: ScalarOrSchedule, b1: float, b2: float, eps: float, weight_decay: float, decoupled: bool, who: str):
@@ -149,7 +183,8 @@ def _adam(lr: ScalarOrSchedule, b1: float, b2: float, eps: float, weight_decay: 
             "nu": [torch.zeros_like(p, memory_format=torch.preserve_format) for p in params],
         }
 
-    def update(grads: list[Tensor], state: dict, params: list[Tensor]) -> tuple[list[Tensor], dict]:
+    def moments(grads: list[Tensor], state: dict, params: list[Tensor]) -> tuple[list[Tensor], list[Tensor], float]:
+        # Updates the moments in place; returns (mu, denom, step_size) as torch.optim.Adam computes them.
         lr, t = state["lr"], state["count"] + 1
         mu, nu = state["mu"], state["nu"]
         if weight_decay and not decoupled:
@@ -157,18 +192,27 @@ def _adam(lr: ScalarOrSchedule, b1: float, b2: float, eps: float, weight_decay: 
         torch._foreach_lerp_(mu, grads, 1 - b1)
         torch._foreach_mul_(nu, b2)
         torch._foreach_addcmul_(nu, grads, grads, 1 - b2)
-        bias1 = 1 - b1**t
-        bias2_sqrt = math.sqrt(1 - b2**t)
         denom = torch._foreach_sqrt(nu)
-        torch._foreach_div_(denom, bias2_sqrt)
+        torch._foreach_div_(denom, math.sqrt(1 - b2**t))
         torch._foreach_add_(denom, eps)
+        return mu, denom, lr / (1 - b1**t)
+
+    def update(grads: list[Tensor], state: dict, params: list[Tensor]) -> tuple[list[Tensor], dict]:
+        mu, denom, step_size = moments(grads, state, params)
         updates = torch._foreach_div(mu, denom)
-        torch._foreach_mul_(updates, -lr / bias1)
+        torch._foreach_mul_(updates, -step_size)
         if weight_decay and decoupled:
-            torch._foreach_add_(updates, params, alpha=-lr * weight_decay)
+            torch._foreach_add_(updates, params, alpha=-state["lr"] * weight_decay)
         return updates, _advance(state, schedule)
 
-    return GradientTransformation(init, update)
+    def apply(grads: list[Tensor], state: dict, params: list[Tensor]) -> dict:
+        mu, denom, step_size = moments(grads, state, params)
+        if weight_decay and decoupled:
+            torch._foreach_mul_(params, 1 - state["lr"] * weight_decay)
+        torch._foreach_addcdiv_(params, mu, denom, value=-step_size)
+        return _advance(state, schedule)
+
+    return GradientTransformation(init, update, apply)
 
 
 def adam(
@@ -259,7 +303,15 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
             new_states.append(s)
         return grads, tuple(new_states)
 
-    return GradientTransformation(init, update)
+    def apply(grads: list[Tensor], state: tuple, params: list[Tensor]) -> tuple:
+        new_states = []
+        for t, s in zip(transforms[:-1], state[:-1]):
+            grads, s = t.update(grads, s, params)
+            new_states.append(s)
+        new_states.append(apply_updates(transforms[-1], grads, state[-1], params))
+        return tuple(new_states)
+
+    return GradientTransformation(init, update, apply if transforms else None)
 
 
 # --------------------------------------------------------------------------- the LR in the state

@@ -221,15 +221,13 @@ class TrainState:
             new["buffers"] = dict(buffers)
         if all(h.allow_update(g) for h in ctx.hooks):
             with torch.no_grad():
-                opt_state = self.opt_state
-                if not ctx.donate:
-                    opt_state = _optim.clone_state(opt_state)
-                updates, opt_state = self.tx.update(g, opt_state, p)
                 if ctx.donate:
-                    torch._foreach_add_(p, updates)
                     params = self.params
-                else:
-                    params = dict(zip(names, (t.requires_grad_(t.is_floating_point()) for t in torch._foreach_add(p, updates))))
+                    opt_state = _optim.apply_updates(self.tx, g, self.opt_state, p)
+                else:  # the same in-place kernels, on copies: pure and donated agree bit for bit
+                    fresh = [t.clone() for t in p]
+                    opt_state = _optim.apply_updates(self.tx, g, _optim.clone_state(self.opt_state), fresh)
+                    params = dict(zip(names, (t.requires_grad_(t.is_floating_point()) for t in fresh)))
             new["params"] = params
             new["opt_state"] = opt_state
         return self.replace(**new)
