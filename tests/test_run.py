@@ -157,3 +157,14 @@ def test_demo_cnn_trains_through_fit():
     state = tk.TrainState.create(CNN(), tk.optim.adam(3e-3))
     state, history = tk.fit(train_step, state, train, epochs=2, eval_step=eval_step, val_loader=val, progress=False)
     assert history[-1]["val_acc"] > 0.8
+
+
+def test_resume_latest_without_checkpoints_starts_afresh_and_keeps_caller_state(tmp_path):
+    state = _state()
+    before = tk.testing.snapshot(state)
+    ck = tk.Checkpointer(tmp_path)
+    new, history = tk.fit(_linear_step, state, _data(), epochs=2, checkpoint=ck, resume="latest", progress=False)
+    tk.testing._assert_unchanged(before, state, "fit")
+    assert new.step == 8 and [p.name for p in ck.checkpoints()] == ["step-000000004.pt", "step-000000008.pt"]
+    again, history2 = tk.fit(_linear_step, state, _data(), epochs=3, checkpoint=ck, resume="latest", progress=False)
+    assert again.step == 12 and [h["epoch"] for h in history2] == [1, 2, 3] and history2[:2] == history

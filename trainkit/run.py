@@ -272,15 +272,17 @@ def fit(
 
     history: list[dict[str, float]] = []
     start_epoch, skip = 0, 0
+    path = None
     if resume is not None:
         if checkpoint is None and str(resume) == "latest":
             raise ValueError('fit: resume="latest" needs checkpoint=Checkpointer(directory).')
+        # "latest" with no checkpoint yet starts afresh, so one command both starts and resumes a run
+        path = checkpoint.latest() if str(resume) == "latest" else resume
+    if path is not None:
         from .checkpoint import load_run
 
-        path = checkpoint.latest() if str(resume) == "latest" else resume
-        if path is not None:
-            state, meta = load_run(path, like=state)
-            start_epoch, skip, history = meta["epoch"], meta["batch"], list(meta["history"])
+        state, meta = load_run(path, like=state)  # new tensors: nothing of the caller's is donated
+        start_epoch, skip, history = meta["epoch"], meta["batch"], list(meta["history"])
     else:
         state = state.clone()  # fit donates its own copy; the caller's state stays intact
 
