@@ -28,7 +28,7 @@ def _leaves_with_paths(tree: Any) -> list[tuple[str, Any]]:
 def assert_trees_close(actual: Any, expected: Any, *, rtol: float | None = None, atol: float | None = None) -> None:
     """Assert two pytrees (states, dicts, lists of tensors) have the same structure and close leaves.
 
-    Tensors compare with ``torch.testing.assert_close`` (``rtol``/``atol`` as there);
+    Tensors compare with ``torch.testing.assert_close`` (``rtol``/``atol`` as there, NaNs equal);
     other leaves with ``==``. The error names the first differing leaf by its path.
 
     >>> import torch
@@ -44,7 +44,7 @@ def assert_trees_close(actual: Any, expected: Any, *, rtol: float | None = None,
     for (path, x), (_, y) in zip(a, b):
         if isinstance(x, Tensor) or isinstance(y, Tensor):
             try:
-                torch.testing.assert_close(x, y, rtol=rtol, atol=atol, check_device=False)
+                torch.testing.assert_close(x, y, rtol=rtol, atol=atol, check_device=False, equal_nan=True)
             except AssertionError as e:
                 first = str(e).strip().splitlines()[0]
                 raise AssertionError(f"trees differ at {path}: {first}\n{e}") from None
