@@ -112,11 +112,13 @@ def test_step_with_wrong_return_gets_a_clear_error(step_out, match):
         ({"epochs": 0}, "epochs must be a positive int"),
         ({"epochs": 1, "val_loader": [1]}, "val_loader given without eval_step"),
         ({"epochs": 1, "resume": "latest"}, "needs checkpoint=Checkpointer"),
+        ({"epochs": 1, "eval_step": lambda s, b: {}, "epoch_level": True}, "pass eval_step to tk.epoch_step"),
     ],
 )
 def test_bad_fit_arguments(kwargs, match):
+    step = tk.epoch_step(_linear_step) if kwargs.pop("epoch_level", False) else _linear_step
     with pytest.raises(ValueError, match=match):
-        tk.fit(_linear_step, _state(), _data(), progress=False, **kwargs)
+        tk.fit(step, _state(), _data(), progress=False, **kwargs)
 
 
 def test_fit_rejects_a_module_as_state():

@@ -265,6 +265,8 @@ def fit(
     for name, v in (("epochs", epochs), ("max_steps", max_steps), ("log_every", log_every)):
         if v is not None and (not isinstance(v, int) or v < 1):
             raise ValueError(f"fit: {name} must be a positive int, got {v!r}.")
+    if eval_step is not None and is_epoch_step(step):
+        raise ValueError("fit: step is an epoch step, which runs its own evaluation; pass eval_step to tk.epoch_step instead.")
     if val_loader is not None and eval_step is None and not is_epoch_step(step):
         raise ValueError("fit: val_loader given without eval_step; pass eval_step=(state, batch) -> metrics.")
     main = _is_main_process()
