@@ -3,6 +3,7 @@ TensorBoard logs and a held-out test accuracy.
 
     python -m trainkit.demo                  # scikit-learn's digits, shipped, no network
     python -m trainkit.demo --mnist ~/data   # MNIST from a local folder of IDX files
+    python -m trainkit.demo --precision bf16 --early-stop --find-lr   # the one-device transforms
 
 The step functions here are the ones the tests check with trainkit.testing.check_step.
 """
@@ -77,29 +78,51 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     p.add_argument("--logdir", default="runs", help="TensorBoard logs go to LOGDIR/demo/version_N")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--precision", choices=["32", "bf16", "fp16"], default="32",
+                   help="autocast dtype of the train step (params stay float32; fp16 is for GPUs, slow on CPU)")
+    p.add_argument("--early-stop", type=int, nargs="?", const=3, default=None, metavar="PATIENCE",
+                   help="stop when val_loss has not improved for PATIENCE epochs (default 3); keep the best epoch's params")
+    p.add_argument("--find-lr", action="store_true", help="run the LR range test first and train at its suggested LR")
     args = p.parse_args(argv)
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
     splits = tk.data.mnist(args.mnist) if args.mnist else tk.data.digits(seed=args.seed)
     train, val, test = tk.data.loaders(splits, args.batch_size)
-    state = make_state(args.lr, args.epochs, len(train), args.seed)
     logger = tk.TensorBoardLogger(args.logdir, name="demo")
-    hparams = {"lr": args.lr, "epochs": args.epochs, "batch_size": args.batch_size, "data": "mnist" if args.mnist else "digits"}
+    step = train_step  # each feature is a transform of the step
+    if args.precision != "32":
+        step = tk.mixed_precision(train_step, dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[args.precision])
+    lr = args.lr
+    if args.find_lr:  # on a copy of the state: nothing to undo afterwards
+        found = tk.find_lr(step, make_state(args.lr, args.epochs, len(train), args.seed), train)
+        found.plot(logger.log_dir / "lr_find.png")
+        lr = found.suggestion if found.suggestion is not None else args.lr
+        print(f"find_lr: {found.message}; training at lr {lr:.3g} (plot in {logger.log_dir / 'lr_find.png'})")
+    state = make_state(lr, args.epochs, len(train), args.seed)
+    if args.early_stop is not None:
+        step = tk.early_stop(tk.epoch_step(step, eval_step), monitor="val_loss", patience=args.early_stop, restore_best=True)
+    hparams = {"lr": lr, "epochs": args.epochs, "batch_size": args.batch_size, "data": "mnist" if args.mnist else "digits",
+               "precision": args.precision, "early_stop": str(args.early_stop), "find_lr": args.find_lr}
     logger.log_hyperparams(hparams)
 
     t0 = time.perf_counter()
     state, history = tk.fit(
-        train_step, state, train, epochs=args.epochs, eval_step=eval_step, val_loader=val,
+        step, state, train, epochs=args.epochs, eval_step=None if args.early_stop is not None else eval_step, val_loader=val,
         logger=logger, progress=not args.no_progress, log_every=10,
     )
     seconds = time.perf_counter() - t0
+    if args.early_stop is not None:
+        stopped = state.slots["early_stop"]
+        state = tk.early_stop.best_state(state)  # the best epoch's params (already there if it stopped)
+        print(stopped["reason"] or f"early_stop: ran all {args.epochs} epochs; best val_loss at epoch {stopped['best_evaluation']}")
     test_metrics = tk.evaluate(eval_step, state, test)
     logger.log_metrics({"test/acc": test_metrics["acc"], "test/loss": test_metrics["loss"]}, state.step)
     logger.close()
     last = history[-1]
     print(f"trained {state.step} steps in {seconds:.1f}s: val_acc {last['val_acc']:.4f}, val_loss {last['val_loss']:.4f}")
     print(f"test accuracy {test_metrics['acc']:.4f} (loss {test_metrics['loss']:.4f}); logs in {logger.log_dir}")
-    return {"test_acc": test_metrics["acc"], "history": history, "seconds": seconds, "log_dir": str(logger.log_dir)}
+    return {"test_acc": test_metrics["acc"], "history": history, "seconds": seconds, "log_dir": str(logger.log_dir),
+            "lr": lr, "state": state}
 
 
 if __name__ == "__main__":

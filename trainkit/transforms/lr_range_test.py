@@ -1,0 +1,470 @@
+"""Leslie Smith's LR range test: ``lr_range_test`` (a transform) and ``find_lr`` (a driver).
+
+The transform sets the LR of each step from a sweep and records ``(lr, loss)``
+in ``state.slots["lr_range_test"]``; ``find_lr`` runs it on a copy of the state
+and returns an :class:`LRRangeResult` with the curve, a suggestion and a plot.
+The caller's state is never touched, so there is nothing to save and restore
+(Lightning's finder restores from a temporary file, and forgets the weights it
+trained: #6675).
+
+Choices (where the peers differ): the sweep is ``min_lr * (max_lr / min_lr) **
+(i / (num_steps - 1))``, both ends included, and the LR recorded is the LR the
+step used; the loss is smoothed by an EMA with ``beta = smoothing`` divided by
+``1 - beta ** (i + 1)``; the sweep stops when the smoothed loss exceeds
+``diverge_threshold`` times its best (or the loss is not finite); the suggestion
+is the point of steepest descent of the smoothed loss against ``log(lr)``, over
+the finite points left after dropping ``skip_start`` at the start and
+``skip_end`` at the end.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Mapping, Union
+
+import torch
+from torch import Tensor
+
+from ..functional import donating
+from ..state import TrainState
+from ._base import applied_transforms, mark, two_forms
+
+__all__ = ["lr_range_test", "find_lr", "LRRangeResult", "suggest_lr"]
+
+NAME = "lr_range_test"
+_MODES = {"exp": "exp", "exponential": "exp", "linear": "linear"}
+
+
+def sweep_lr(i: int, min_lr: float, max_lr: float, num_steps: int, mode: str) -> float:
+    """The LR of step ``i`` (0-based) of the sweep; ``i = 0`` gives ``min_lr``, ``i = num_steps - 1`` gives ``max_lr``.
+
+    >>> [round(sweep_lr(i, 1e-3, 1.0, 4, "exp"), 6) for i in range(4)]
+    [0.001, 0.01, 0.1, 1.0]
+    >>> [sweep_lr(i, 0.0, 1.0, 3, "linear") for i in range(3)]
+    [0.0, 0.5, 1.0]
+    """
+    i = min(i, num_steps - 1)
+    if i == num_steps - 1:
+        return float(max_lr)
+    t = i / (num_steps - 1)
+    if _MODES[mode] == "exp":
+        return float(min_lr * (max_lr / min_lr) ** t)
+    return float(min_lr + (max_lr - min_lr) * t)
+
+
+def _validate(min_lr: Any, max_lr: Any, num_steps: Any, mode: Any, smoothing: Any, diverge_threshold: Any, loss_key: Any) -> dict[str, Any]:
+    def number(x: Any) -> bool:
+        return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+    if mode not in _MODES:
+        raise ValueError(f'lr_range_test: mode must be "exp" (LRs evenly spaced in log) or "linear", got {mode!r}.')
+    low = 0.0 if _MODES[mode] == "linear" else None
+    if not number(min_lr) or not (min_lr > 0 or (low == 0.0 and min_lr == 0)):
+        raise ValueError(
+            f"lr_range_test: min_lr must be a finite number > 0{' (or 0 with mode=linear)' if low is not None else ''}, got {min_lr!r}."
+        )
+    if not number(max_lr) or not max_lr > min_lr:
+        raise ValueError(f"lr_range_test: max_lr must be a finite number > min_lr ({min_lr}), got {max_lr!r}.")
+    if not isinstance(num_steps, int) or isinstance(num_steps, bool) or num_steps < 2:
+        raise ValueError(f"lr_range_test: num_steps must be an int >= 2 (the sweep includes both ends), got {num_steps!r}.")
+    if not number(smoothing) or not 0 <= smoothing < 1:
+        raise ValueError(f"lr_range_test: smoothing must be in [0, 1) (0: no smoothing; 0.98 as fastai and Lightning), got {smoothing!r}.")
+    if diverge_threshold is not None and (not number(diverge_threshold) or not diverge_threshold > 1):
+        raise ValueError(f"lr_range_test: diverge_threshold must be a number > 1 or None (never stop early), got {diverge_threshold!r}.")
+    if not isinstance(loss_key, str):
+        raise TypeError(f'lr_range_test: loss_key must be the name of the loss metric, e.g. "loss", got {loss_key!r}.')
+    return {
+        "min_lr": float(min_lr),
+        "max_lr": float(max_lr),
+        "num_steps": num_steps,
+        "mode": _MODES[mode],
+        "smoothing": float(smoothing),
+        "diverge_threshold": None if diverge_threshold is None else float(diverge_threshold),
+        "loss_key": loss_key,
+    }
+
+
+def lr_range_test(
+    step: Callable[..., Any] | None = None,
+    *,
+    min_lr: float = 1e-7,
+    max_lr: float = 10.0,
+    num_steps: int = 100,
+    mode: str = "exp",
+    smoothing: float = 0.98,
+    diverge_threshold: float | None = 4.0,
+    loss_key: str = "loss",
+) -> Any:
+    """Set the LR of each call from a sweep, and record ``(lr, loss)`` in ``state.slots["lr_range_test"]``.
+
+    Args:
+      step: a batch step that updates with ``state.apply_gradients`` (the LR is set
+        in the state with ``state.with_lr``, so any trainkit optimizer works, schedules
+        included). Omit it to get a transform for :func:`trainkit.compose`.
+      min_lr, max_lr, num_steps, mode: the sweep: call ``i`` uses
+        ``min_lr * (max_lr / min_lr) ** (i / (num_steps - 1))`` (``mode="exp"``) or
+        the linear interpolation (``mode="linear"``); calls past the end stay at ``max_lr``.
+      smoothing: the EMA factor of the smoothed loss (bias-corrected).
+      diverge_threshold: stop when the smoothed loss exceeds this times its best
+        (``None``: only at the end of the sweep or on a non-finite loss).
+      loss_key: the metric that holds the loss.
+
+    Returns:
+      The wrapped step (or the transform). Its metrics gain ``lr`` (the LR used).
+      The slot holds ``lrs``, ``losses`` and ``smoothed`` (lists of floats), and
+      ``stop: True`` with a ``reason`` when the sweep is complete or diverged, so
+      that ``tk.fit`` stops too. Use :func:`find_lr` to run it and read the result.
+
+    Where it stands: around a **batch** step (an epoch step is rejected: the sweep
+    sets one LR per optimizer update), on either side of ``mixed_precision``.
+    Under ``torch.distributed`` every rank records rank 0's loss (one small
+    broadcast per step), so every rank stops at the same step. Wrapped twice it
+    is rejected (one slot).
+
+    Host syncs: the loss is read on the host at every step (to detect divergence);
+    a range test is a short run.
+
+    >>> import torch, trainkit as tk
+    >>> state = tk.TrainState.create(torch.nn.Linear(2, 1), tk.optim.sgd(0.1))
+    >>> def step(state, batch):
+    ...     loss_fn = lambda p: state.apply(p, batch)[0].pow(2).mean()
+    ...     loss, grads = tk.value_and_grad(loss_fn)(state.params)
+    ...     return state.apply_gradients(grads), {"loss": loss}
+    >>> sweep = tk.lr_range_test(step, min_lr=1e-3, max_lr=1e-1, num_steps=3)
+    >>> for _ in range(3):
+    ...     state, metrics = sweep(state, torch.ones(4, 2))
+    >>> [round(lr, 6) for lr in state.slots["lr_range_test"]["lrs"]], tk.should_stop(state)
+    ([0.001, 0.01, 0.1], True)
+    """
+    cfg = _validate(min_lr, max_lr, num_steps, mode, smoothing, diverge_threshold, loss_key)
+
+    def make(inner: Callable[..., Any]) -> Callable[..., Any]:
+        _check_order(inner)
+
+        def wrapped(state: TrainState, batch: Any) -> tuple[TrainState, dict[str, Any]]:
+            if not isinstance(state, TrainState):
+                raise TypeError(f"lr_range_test: the state must be a TrainState, got {type(state).__name__}.")
+            slot = state.slots.get(NAME) or _empty_slot()
+            i = len(slot["lrs"])
+            lr = sweep_lr(i, cfg["min_lr"], cfg["max_lr"], cfg["num_steps"], cfg["mode"])
+            try:
+                swept = state.with_lr(lr)
+            except ValueError as e:
+                raise ValueError(
+                    f"lr_range_test: cannot set the LR of this optimizer ({e}). The sweep needs an optimizer "
+                    "with a learning rate: trainkit.optim.sgd/adam/adamw, alone or in optim.chain."
+                ) from None
+            out = inner(swept, batch)
+            if type(out) is not tuple or len(out) != 2 or not isinstance(out[0], TrainState) or not isinstance(out[1], Mapping):
+                raise TypeError(
+                    f"lr_range_test: the step must return (state, metrics), got {type(out).__name__}. "
+                    'Return e.g. (state.apply_gradients(grads), {"loss": loss}).'
+                )
+            new_state, metrics = out
+            loss = _agree(_read_loss(metrics, cfg["loss_key"]))
+            new_slot = _record(slot, lr, loss, cfg)
+            metrics = {**metrics, "lr": torch.tensor(lr, dtype=torch.float32, device=state.device)}
+            return new_state.replace(slots={**new_state.slots, NAME: new_slot}), metrics
+
+        return mark(wrapped, inner, NAME)
+
+    return two_forms(step, NAME, make)
+
+
+def _empty_slot() -> dict[str, Any]:
+    return {"lrs": [], "losses": [], "smoothed": [], "avg": 0.0, "best": None, "stop": False, "reason": None}
+
+
+def _read_loss(metrics: Mapping[str, Any], key: str) -> float:
+    if key not in metrics:
+        raise KeyError(
+            f"lr_range_test: loss_key={key!r} is not among the metrics the step returned: {sorted(metrics)}. "
+            "Pass loss_key= the name of the training loss."
+        )
+    v = metrics[key]
+    if isinstance(v, Tensor):
+        if v.numel() != 1:
+            raise ValueError(f"lr_range_test: metric {key!r} must be a scalar, got shape {tuple(v.shape)}.")
+        return float(v.detach())  # the host sync of this step
+    return float(v)
+
+
+def _agree(loss: float) -> float:
+    """Under torch.distributed, every rank takes rank 0's loss, so every rank stops at the same step."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return loss
+    box = [loss]
+    dist.broadcast_object_list(box, src=0)
+    return float(box[0])
+
+
+def _record(slot: Mapping[str, Any], lr: float, loss: float, cfg: Mapping[str, Any]) -> dict[str, Any]:
+    i = len(slot["lrs"])
+    beta = cfg["smoothing"]
+    avg = beta * float(slot["avg"]) + (1 - beta) * loss
+    smoothed = avg / (1 - beta ** (i + 1))
+    best = slot["best"]
+    if math.isfinite(smoothed) and (best is None or smoothed < best):
+        best = smoothed
+    stop, reason = False, None
+    threshold = cfg["diverge_threshold"]
+    if not math.isfinite(loss):
+        stop, reason = True, f"the loss is {loss} at lr={lr:.3g} (step {i + 1} of {cfg['num_steps']})"
+    elif threshold is not None and best is not None and best > 0 and smoothed > threshold * best:
+        stop = True
+        reason = (
+            f"diverged at lr={lr:.3g}: smoothed loss {smoothed:.4g} > {threshold:g} x best {best:.4g} (step {i + 1} of {cfg['num_steps']})"
+        )
+    elif i + 1 >= cfg["num_steps"]:
+        stop, reason = True, f"sweep complete: {i + 1} steps from lr={cfg['min_lr']:.3g} to {cfg['max_lr']:.3g}"
+    return {
+        "lrs": [*slot["lrs"], lr],
+        "losses": [*slot["losses"], loss],
+        "smoothed": [*slot["smoothed"], smoothed],
+        "avg": avg,
+        "best": best,
+        "stop": stop,
+        "reason": reason,
+    }
+
+
+def _check_order(inner: Callable[..., Any]) -> None:
+    from ..run import is_epoch_step
+
+    applied = applied_transforms(inner)
+    if NAME in applied:
+        raise ValueError(
+            f"lr_range_test: the step is already wrapped by lr_range_test (transforms applied: {list(applied)}). Apply it once."
+        )
+    if is_epoch_step(inner):
+        raise ValueError(
+            "lr_range_test: got an epoch step; the sweep sets one LR per optimizer update, so it wraps a batch step: "
+            "tk.lr_range_test(train_step) or tk.find_lr(train_step, state, train_loader)."
+        )
+
+
+# --------------------------------------------------------------------------- the result
+
+
+def suggest_lr(
+    lrs: list[float], smoothed: list[float], *, skip_start: int = 10, skip_end: int = 1
+) -> tuple[float | None, float | None, str]:
+    """``(steepest, min_div_10, message)`` from a recorded curve.
+
+    ``steepest``: the LR where the smoothed loss falls fastest against ``log(lr)``
+    (``torch.gradient`` with the log-LRs as coordinates), over the finite points of
+    ``[skip_start : len - skip_end]``; ``min_div_10``: the LR of the lowest smoothed
+    loss there, divided by 10 (fastai's "minimum / 10"). ``None`` for both, and a
+    message saying why, when fewer than 3 points remain.
+
+    >>> lrs = [10 ** (-4 + i / 10) for i in range(41)]
+    >>> curve = [1 / (1 + (lr / 1e-2) ** 2) + (lr / 0.5) ** 4 for lr in lrs]  # falls fastest at lr = 1e-2
+    >>> steepest, min10, msg = suggest_lr(lrs, curve)
+    >>> round(steepest, 4), round(min10, 4)
+    (0.01, 0.0126)
+    """
+    n = len(lrs)
+    window = range(min(skip_start, n), max(n - skip_end, 0))
+    idx = [i for i in window if math.isfinite(smoothed[i]) and lrs[i] > 0]
+    if len(idx) < 3:
+        return (
+            None,
+            None,
+            f"no suggestion: {n} points recorded, {len(idx)} finite ones left after skipping {skip_start} at the start "
+            f"and {skip_end} at the end; 3 are needed. Raise num_steps, or lower max_lr if the loss diverged early.",
+        )
+    x = torch.tensor([math.log(lrs[i]) for i in idx], dtype=torch.float64)
+    y = torch.tensor([smoothed[i] for i in idx], dtype=torch.float64)
+    if bool((x[1:] <= x[:-1]).any()):
+        return None, None, "no suggestion: the recorded LRs are not increasing (was the sweep run twice on one state?)."
+    slope = torch.gradient(y, spacing=(x,))[0]
+    steep = idx[int(torch.argmin(slope))]
+    lowest = idx[int(torch.argmin(y))]
+    return lrs[steep], lrs[lowest] / 10, f"steepest descent of the smoothed loss at lr={lrs[steep]:.3g}"
+
+
+@dataclass(frozen=True)
+class LRRangeResult:
+    """What :func:`find_lr` found: the curve, the suggestions, and how the sweep ended.
+
+    Fields: ``lrs``, ``losses``, ``smoothed`` (lists of floats, one per step, the LR
+    being the one that step used); ``suggestion`` (steepest descent against
+    log-LR, or ``None``); ``suggestion_min_div_10`` (the LR of the lowest smoothed
+    loss / 10, or ``None``); ``message`` (why there is no suggestion, or where it
+    is); ``stop_reason`` (sweep complete, diverged, or non-finite loss);
+    ``diverged`` (the sweep ended before ``max_lr`` because the loss blew up).
+    """
+
+    lrs: list[float]
+    losses: list[float]
+    smoothed: list[float]
+    suggestion: float | None
+    suggestion_min_div_10: float | None
+    message: str
+    stop_reason: str
+    diverged: bool
+
+    @property
+    def diverged_lr(self) -> float | None:
+        """The LR at which the sweep detected divergence (``None`` when it did not)."""
+        return self.lrs[-1] if self.diverged and self.lrs else None
+
+    def __repr__(self) -> str:
+        fmt = lambda v: "None" if v is None else f"{v:.3g}"
+        return (
+            f"LRRangeResult(suggestion={fmt(self.suggestion)}, suggestion_min_div_10={fmt(self.suggestion_min_div_10)}, "
+            f"steps={len(self.lrs)}, stop_reason={self.stop_reason!r})"
+        )
+
+    def plot(self, path: Union[str, os.PathLike, None] = None, ax: Any = None) -> Any:
+        """Draw loss (faint) and smoothed loss against the LR on a log axis, the suggestion marked.
+
+        Draws on ``ax`` when given (e.g. in a notebook), else on a new figure made
+        without pyplot (the Agg canvas: no window, no change to the global backend).
+        With ``path``, the figure is saved there (a PNG for ``.png``). Returns the axes.
+
+        >>> import tempfile, os
+        >>> lrs = [10 ** (-4 + i / 10) for i in range(41)]
+        >>> curve = [1 / (1 + (lr / 1e-2) ** 2) for lr in lrs]
+        >>> s, m, msg = suggest_lr(lrs, curve)
+        >>> r = LRRangeResult(lrs, curve, curve, s, m, msg, "sweep complete", False)
+        >>> path = os.path.join(tempfile.mkdtemp(), "lr.png")
+        >>> ax = r.plot(path)
+        >>> open(path, "rb").read(4) == b"\\x89PNG", ax.get_xscale()
+        (True, 'log')
+        """
+        if ax is None:
+            from matplotlib.backends.backend_agg import FigureCanvasAgg
+            from matplotlib.figure import Figure
+
+            fig = Figure(figsize=(6.4, 4.2))
+            FigureCanvasAgg(fig)
+            ax = fig.add_subplot()
+        pts = [(lr, lo, sm) for lr, lo, sm in zip(self.lrs, self.losses, self.smoothed) if lr > 0]
+        if pts:
+            lrs, losses, smoothed = zip(*pts)
+            ax.plot(lrs, losses, color="tab:blue", alpha=0.3, linewidth=1, label="loss")
+            ax.plot(lrs, smoothed, color="tab:blue", linewidth=2, label="smoothed loss")
+            finite = [v for v in smoothed if math.isfinite(v)]
+            if finite:  # divergence makes the last points huge: keep the interesting part in view
+                lo, hi = min(finite), max(finite)
+                pad = 0.05 * (hi - lo or abs(hi) or 1.0)
+                ax.set_ylim(lo - pad, hi + pad)
+        if self.suggestion is not None:
+            i = self.lrs.index(self.suggestion)
+            ax.axvline(self.suggestion, color="tab:red", linestyle="--", linewidth=1)
+            ax.plot([self.suggestion], [self.smoothed[i]], "o", color="tab:red", markersize=8, label=f"suggestion {self.suggestion:.3g}")
+        if self.suggestion_min_div_10 is not None:
+            ax.axvline(
+                self.suggestion_min_div_10,
+                color="tab:green",
+                linestyle=":",
+                linewidth=1,
+                label=f"min / 10: {self.suggestion_min_div_10:.3g}",
+            )
+        ax.set_xscale("log")
+        ax.set_xlabel("learning rate (log scale)")
+        ax.set_ylabel("loss")
+        ax.set_title("LR range test")
+        ax.legend(loc="best")
+        if path is not None:
+            ax.figure.savefig(os.fspath(path), dpi=100, bbox_inches="tight")
+        return ax
+
+
+def find_lr(
+    step: Callable[..., Any],
+    state: TrainState,
+    loader: Iterable[Any],
+    *,
+    min_lr: float = 1e-7,
+    max_lr: float = 10.0,
+    num_steps: int = 100,
+    mode: str = "exp",
+    smoothing: float = 0.98,
+    diverge_threshold: float | None = 4.0,
+    loss_key: str = "loss",
+    skip_start: int = 10,
+    skip_end: int = 1,
+) -> LRRangeResult:
+    """Run the LR range test of ``step`` from ``state`` over ``loader``; return the curve and a suggestion.
+
+    Runs :func:`lr_range_test` on a copy of ``state`` (donated to the steps, so
+    they update in place and fast), drawing batches from ``loader`` and starting
+    it again when it runs out, until the sweep ends or diverges. The caller's
+    ``state`` is not changed in any way (values and tensor versions), nothing is
+    written to disk, and the global RNG is restored afterwards, so a later
+    ``fit`` is unaffected. Arguments as :func:`lr_range_test` and :func:`suggest_lr`.
+
+    Use the suggestion as the LR of a fresh state (or the peak of a one-cycle schedule):
+    ``state = make_state(lr=result.suggestion)``.
+
+    >>> import torch, trainkit as tk
+    >>> _ = torch.manual_seed(0)
+    >>> w = torch.randn(8, 1)
+    >>> x = torch.randn(256, 8); data = [(x[i:i + 32], x[i:i + 32] @ w) for i in range(0, 256, 32)]
+    >>> state = tk.TrainState.create(torch.nn.Linear(8, 1), tk.optim.sgd(0.1))
+    >>> def step(state, batch):
+    ...     x, y = batch
+    ...     loss_fn = lambda p: torch.nn.functional.mse_loss(state.apply(p, x)[0], y)
+    ...     loss, grads = tk.value_and_grad(loss_fn)(state.params)
+    ...     return state.apply_gradients(grads), {"loss": loss}
+    >>> result = tk.find_lr(step, state, data, min_lr=1e-4, max_lr=10.0, num_steps=60)
+    >>> result.diverged, 1e-2 < result.suggestion < 1.0, state.step
+    (True, True, 0)
+    """
+    if not callable(step):
+        raise TypeError(f"find_lr: step must be a function (state, batch) -> (state, metrics), got {type(step).__name__}.")
+    if not isinstance(state, TrainState):
+        raise TypeError(f"find_lr: state must be a TrainState, got {type(state).__name__}.")
+    for name, v in (("skip_start", skip_start), ("skip_end", skip_end)):
+        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+            raise ValueError(f"find_lr: {name} must be an int >= 0, got {v!r}.")
+    tested = lr_range_test(
+        step,
+        min_lr=min_lr,
+        max_lr=max_lr,
+        num_steps=num_steps,
+        mode=mode,
+        smoothing=smoothing,
+        diverge_threshold=diverge_threshold,
+        loss_key=loss_key,
+    )
+    # A copy we own, without a previous sweep's record; the caller's tensors are never touched.
+    work = state.clone()
+    work = work.replace(slots={k: v for k, v in work.slots.items() if k != NAME})
+    with torch.random.fork_rng(devices=[]), donating():
+        done, drawn = False, 0
+        while not done:  # cycle through the loader until the sweep ends
+            before = drawn
+            for batch in loader:
+                drawn += 1
+                work, _ = tested(work, batch)
+                if work.slots[NAME]["stop"]:
+                    done = True
+                    break
+            if not done and drawn == before:
+                if drawn == 0:
+                    raise ValueError("find_lr: the loader yielded no batches.")
+                raise ValueError(
+                    f"find_lr: the loader ran out after {drawn} batches and yields nothing when iterated again "
+                    f"(an iterator?), before the {num_steps} steps of the sweep. Pass a DataLoader or a list, "
+                    f"or num_steps <= {drawn}."
+                )
+    slot = work.slots[NAME]
+    lrs, losses, smoothed = list(slot["lrs"]), list(slot["losses"]), list(slot["smoothed"])
+    suggestion, min10, message = suggest_lr(lrs, smoothed, skip_start=skip_start, skip_end=skip_end)
+    reason = slot["reason"] or ""
+    return LRRangeResult(
+        lrs=lrs,
+        losses=losses,
+        smoothed=smoothed,
+        suggestion=suggestion,
+        suggestion_min_div_10=min10,
+        message=message,
+        stop_reason=reason,
+        diverged=not reason.startswith("sweep complete"),
+    )
