@@ -301,7 +301,7 @@ def fit(
         bar.update(state.step)
 
     epoch = start_epoch
-    stopped = False
+    stopped = path is not None and should_stop(state)  # a run that stopped early stays stopped when resumed
     try:
         with donating():
             while (epochs is None or epoch < epochs) and not stopped:
