@@ -115,7 +115,8 @@ def lr_range_test(
       The wrapped step (or the transform). Its metrics gain ``lr`` (the LR used).
       The slot holds ``lrs``, ``losses`` and ``smoothed`` (lists of floats), and
       ``stop: True`` with a ``reason`` when the sweep is complete or diverged, so
-      that ``tk.fit`` stops too. Use :func:`find_lr` to run it and read the result.
+      that ``tk.fit`` stops too. Use :func:`find_lr` to run it and read the result. A state that
+      went through a sweep is the record of an experiment (and says stop): train a fresh one.
 
     Where it stands: around a **batch** step (an epoch step is rejected: the sweep
     sets one LR per optimizer update), on either side of ``mixed_precision``.
