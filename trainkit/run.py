@@ -149,9 +149,9 @@ def epoch_step(step: StepFn, eval_step: EvalFn | None = None) -> Callable[[Train
             train.add(metrics, n)
             if on_step is not None and on_step(state, metrics, n):
                 break
-        out = {f"train_{k}": v for k, v in train.result().items()}
+        out = {f"train_{k}": v for k, v in _across_ranks(train).items()}
         if eval_step is not None and data.val is not None:
-            out.update({f"val_{k}": v for k, v in _evaluate(eval_step, state, data.val).items()})
+            out.update({f"val_{k}": v for k, v in _evaluate(eval_step, state, data.val, across_ranks=True).items()})
         return state, out
 
     run_epoch.__trainkit_level__ = "epoch"  # type: ignore[attr-defined]
@@ -175,12 +175,27 @@ def should_stop(state: TrainState) -> bool:
     return any(isinstance(v, Mapping) and v.get("stop") is True for v in state.slots.values())
 
 
-def _evaluate(eval_step: EvalFn, state: TrainState, loader: Iterable[Any]) -> dict[str, Any]:
+def _evaluate(eval_step: EvalFn, state: TrainState, loader: Iterable[Any], across_ranks: bool = False) -> dict[str, Any]:
     mean = _Mean()
     with torch.no_grad():
         for batch in loader:
             mean.add(_check_eval_output(eval_step(state, batch)), batch_size(batch))
-    return mean.result()
+    return _across_ranks(mean) if across_ranks else mean.result()
+
+
+def _world_size() -> int:
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _across_ranks(mean: _Mean) -> dict[str, Any]:
+    # Under torch.distributed an epoch's metrics are the means over every rank's batches,
+    # the same on all ranks, so decisions taken on them (early_stop) agree.
+    if _world_size() == 1:
+        return mean.result()
+    from .transforms.distributed import reduce_means
+
+    return reduce_means(mean.sums, mean.count)
 
 
 def evaluate(eval_step: EvalFn, state: TrainState, loader: Iterable[Any]) -> dict[str, float]:
@@ -287,6 +302,12 @@ def fit(
         start_epoch, skip, history = meta["epoch"], meta["batch"], list(meta["history"])
     else:
         state = state.clone()  # fit donates its own copy; the caller's state stays intact
+    if _world_size() > 1:
+        # Each rank trains on its shard, reshuffled per epoch by (state.rng, epoch) (set_epoch below).
+        from .transforms.distributed import shard_loader
+
+        train_loader = shard_loader(train_loader, train=True, seed=_derive_seed(state.rng, -1) % (1 << 62))
+        val_loader = None if val_loader is None else shard_loader(val_loader, train=False)
 
     total = max_steps if epochs is None else None
     try:

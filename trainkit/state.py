@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import threading
 import weakref
 from dataclasses import dataclass, field
 from typing import Any, Mapping
@@ -336,18 +337,30 @@ class _seeded:
         self.cuda = dev if dev.type == "cuda" else None
 
     def __enter__(self) -> None:
-        self.saved = torch.default_generator.get_state()
-        torch.default_generator.manual_seed(self.seed)
-        if self.cuda is not None:
-            gen = torch.cuda.default_generators[self.cuda.index or torch.cuda.current_device()]
-            self.saved_cuda = (gen, gen.get_state())
-            gen.manual_seed(self.seed)
+        # The generators are process-wide: data_parallel's replica threads take turns here.
+        _SEED_LOCK.acquire()
+        try:
+            self.saved = torch.default_generator.get_state()
+            torch.default_generator.manual_seed(self.seed)
+            if self.cuda is not None:
+                gen = torch.cuda.default_generators[self.cuda.index or torch.cuda.current_device()]
+                self.saved_cuda = (gen, gen.get_state())
+                gen.manual_seed(self.seed)
+        except BaseException:
+            _SEED_LOCK.release()
+            raise
 
     def __exit__(self, *exc: Any) -> None:
-        torch.default_generator.set_state(self.saved)
-        if self.cuda is not None:
-            gen, saved = self.saved_cuda
-            gen.set_state(saved)
+        try:
+            torch.default_generator.set_state(self.saved)
+            if self.cuda is not None:
+                gen, saved = self.saved_cuda
+                gen.set_state(saved)
+        finally:
+            _SEED_LOCK.release()
+
+
+_SEED_LOCK = threading.RLock()
 
 
 def _raise_grads_mismatch(params: Mapping[str, Tensor], grads: Any) -> None:

@@ -1,0 +1,157 @@
+"""tk.distributed on the CPU: steps/s of 1 and 2 ranks (gloo, loopback) and the communication cost per step.
+
+    python benchmarks/scaling.py [--steps 60] [--rounds 5] [--batch 64]
+
+One rank is this process: the bare step, then the same step under ``tk.distributed``
+on a group of one (what the hooks and buckets cost without any peer). Two ranks are
+started with torchrun (``python -m torch.distributed.run --standalone --nproc-per-node 2``);
+each trains on its own batch of ``--batch`` rows (weak scaling: the global batch is
+twice as large), and measures, interleaved in rounds so that they share the machine's
+state:
+
+* ``overlap``: buckets all-reduced during backward (the default);
+* ``no-overlap``: all buckets all-reduced after backward;
+* ``bare``: the bare step on each rank at the same time, no communication (what two
+  processes sharing the machine cost each other);
+* ``comm only``: the all-reduce of one gradient-sized buffer, alone: the communication
+  cost of a step, with no compute to hide it behind.
+
+Every process uses one thread (``torch.set_num_threads(1)``), so 2 ranks use the two
+cores of these machines and 1 rank uses one. Numbers are medians over rounds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import trainkit as tk
+
+
+def make_state() -> tk.TrainState:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 10))
+    return tk.TrainState.create(model, tk.optim.adam(1e-3))
+
+
+def train_step(state: tk.TrainState, batch: tuple) -> tuple[tk.TrainState, dict]:
+    x, y = batch
+    loss, grads = tk.value_and_grad(lambda p: F.cross_entropy(state.apply(p, x)[0], y))(state.params)
+    return state.apply_gradients(grads), {"loss": loss}
+
+
+def batches(n: int, size: int, seed: int) -> list:
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(size, 784, generator=g), torch.randint(0, 10, (size,), generator=g)) for _ in range(n)]
+
+
+def time_steps(step, data: list) -> float:
+    """Seconds per step over ``data``, the state donated as fit does."""
+    state = make_state()
+    with tk.donating():
+        state, m = step(state, data[0])  # warm-up
+        t0 = time.perf_counter()
+        for b in data:
+            state, m = step(state, b)
+        float(m["loss"])
+    return (time.perf_counter() - t0) / len(data)
+
+
+def time_comm(numel: int, steps: int) -> float:
+    buf = torch.zeros(numel)
+    torch.distributed.all_reduce(buf)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        torch.distributed.all_reduce(buf)
+    return (time.perf_counter() - t0) / steps
+
+
+def worker(args: argparse.Namespace) -> None:
+    """One of the 2 ranks (under torchrun)."""
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", timeout=datetime.timedelta(seconds=120))
+    rank = torch.distributed.get_rank()
+    data = batches(args.steps, args.batch, seed=rank)
+    numel = sum(p.numel() for p in make_state().params.values())
+    contenders = {
+        "bare": lambda: time_steps(train_step, data),
+        "overlap": lambda: time_steps(tk.distributed(train_step), data),
+        "no-overlap": lambda: time_steps(tk.distributed(train_step, overlap=False), data),
+        "comm only": lambda: time_comm(numel, args.steps),
+    }
+    times: dict[str, list[float]] = {k: [] for k in contenders}
+    for r in range(args.rounds):
+        order = list(contenders) if r % 2 == 0 else list(contenders)[::-1]
+        for k in order:
+            torch.distributed.barrier()
+            times[k].append(contenders[k]())
+    if rank == 0:
+        Path(args.worker).write_text(json.dumps({k: statistics.median(v) for k, v in times.items()}))
+    torch.distributed.destroy_process_group()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        return worker(args)
+
+    torch.set_num_threads(1)
+    data = batches(args.steps, args.batch, seed=0)
+    numel = sum(t.numel() for t in make_state().params.values())
+    # One rank: the bare step, and tk.distributed on a group of one, interleaved.
+    torch.distributed.init_process_group("gloo", init_method="tcp://127.0.0.1:0", rank=0, world_size=1)
+    one = {"bare step": [], "distributed, 1 rank": []}
+    for r in range(args.rounds):
+        order = list(one) if r % 2 == 0 else list(one)[::-1]
+        for k in order:
+            one[k].append(time_steps(train_step if k == "bare step" else tk.distributed(train_step), data))
+    torch.distributed.destroy_process_group()
+    one_t = {k: statistics.median(v) for k, v in one.items()}
+
+    with tempfile.TemporaryDirectory() as d:
+        out = Path(d) / "two.json"
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", __file__,
+               "--steps", str(args.steps), "--rounds", str(args.rounds), "--batch", str(args.batch), "--worker", str(out)]
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
+        two = json.loads(out.read_text())
+
+    print(f"tk.distributed on CPU (gloo, loopback): MLP 784-512-512-10 ({numel:,} params, {numel * 4 / 2**20:.1f} MB of gradients), "
+          f"Adam, {args.batch} rows per rank per step, 1 thread per process")
+    print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
+          f"median of {args.rounds} rounds of {args.steps} steps\n")
+    base = one_t["bare step"]
+    rows = [
+        ("1 rank: bare step", 1, one_t["bare step"]),
+        ("1 rank: tk.distributed (group of one)", 1, one_t["distributed, 1 rank"]),
+        ("2 ranks: bare step each, no communication", 2, two["bare"]),
+        ("2 ranks: tk.distributed, overlap", 2, two["overlap"]),
+        ("2 ranks: tk.distributed, no overlap", 2, two["no-overlap"]),
+    ]
+    print(f"{'':42s} {'ms/step':>8s} {'steps/s':>8s} {'rows/s':>8s} {'vs 1 rank':>9s}")
+    for name, world, t in rows:
+        print(f"{name:42s} {t * 1e3:8.2f} {1 / t:8.1f} {world * args.batch / t:8.0f} {world * base / t:8.2f}x")
+    print(f"\ncommunication per step, 2 ranks: all-reduce of {numel * 4 / 2**20:.1f} MB alone: {two['comm only'] * 1e3:.2f} ms; "
+          f"a 2-rank step costs {(two['overlap'] - two['bare']) * 1e3:+.2f} ms with overlap, "
+          f"{(two['no-overlap'] - two['bare']) * 1e3:+.2f} ms without, over the same ranks' bare step")
+
+if __name__ == "__main__":
+    main()

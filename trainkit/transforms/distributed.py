@@ -1,0 +1,576 @@
+"""``distributed``: several processes on ``torch.distributed`` (gloo on CPU, NCCL on CUDA), started by torchrun.
+
+Each process (rank) runs the unchanged step on its own part of the global batch;
+the gradients are averaged across ranks before the update, so every rank makes
+the same update and the ranks stay identical: ``W`` ranks with local batches of
+``B`` compute what one process computes on the global batch of ``W * B`` (for a
+loss that is a mean over the batch).
+
+How the gradients are reduced (as ``DistributedDataParallel`` does): the
+:class:`~trainkit.StepHook` of this transform registers a hook on every
+parameter just before backward. As backward produces each gradient, the hook
+copies it into a flat **bucket** (about ``bucket_cap_mb`` each, parameters in
+reverse order, the order backward produces them); a full bucket is all-reduced at
+once, asynchronously, while backward goes on with the layers below. Buckets are
+launched strictly in order, so every rank issues the same collectives in the same
+order even when some parameters get no gradient. After backward the transform
+waits for the last buckets and hands the averaged gradients on (each rank
+divides by the world size as it copies into the bucket, so the sum is the
+mean). ``overlap=False`` reduces all buckets after backward instead
+(``benchmarks/scaling.py`` measures both).
+
+Processes: launch with torchrun; nothing here starts processes::
+
+    torchrun --nproc-per-node 4 train.py                      # one machine, 4 ranks
+    torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d \\
+             --rdzv-endpoint host0:29400 --rdzv-id job42 train.py   # on each of 2 machines
+
+When the default process group is not initialized yet, wrapping a step initializes
+it from torchrun's environment (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``...):
+NCCL when CUDA is available (and ``torch.cuda.set_device(LOCAL_RANK)``), gloo
+otherwise. Put the state on :func:`local_device`.
+
+A dead or hung peer: a collective that does not complete within ``timeout``
+seconds, or that fails because a peer closed its connection, raises
+:class:`DistributedError` naming the rank, the step and the collective, and the
+timeout is set on the process group too, so the surviving process exits instead
+of waiting for its peers forever (torchrun then stops or restarts the group).
+"""
+
+from __future__ import annotations
+
+import datetime
+import math
+import os
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence, Union
+
+import torch
+from torch import Tensor
+
+from .. import functional as _functional
+from ..run import _check_step_output, batch_size, is_epoch_step
+from ..state import TrainState
+from ._base import applied_transforms, mark, two_forms
+
+__all__ = ["distributed", "DistributedError", "local_device", "shard_loader", "reduce_means"]
+
+_EXCLUSIVE = ("data_parallel", "distributed", "xla_sharded")
+_TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+class DistributedError(RuntimeError):
+    """A collective failed or timed out: a peer rank died, hung, or runs a different number of steps."""
+
+
+# --------------------------------------------------------------------------- the process group
+
+
+def local_device() -> torch.device:
+    """The device of this rank: ``cuda:LOCAL_RANK`` where CUDA is available, else the CPU.
+
+    >>> import torch
+    >>> local_device() == (torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else torch.device("cpu"))
+    True
+    """
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def _seconds(timeout: Any) -> float:
+    if isinstance(timeout, datetime.timedelta):
+        timeout = timeout.total_seconds()
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0 or not math.isfinite(timeout):
+        raise ValueError(f"distributed: timeout must be a positive number of seconds (or a timedelta), got {timeout!r}.")
+    return float(timeout)
+
+
+def _init_default_group(backend: str | None, timeout: datetime.timedelta) -> None:
+    dist = torch.distributed
+    missing = [k for k in _TORCHRUN_ENV if k not in os.environ]
+    if missing:
+        raise RuntimeError(
+            "distributed: there is no process group, and none can be made: this process was not started by "
+            f"torchrun ({', '.join(missing)} unset). Launch the script with torchrun, e.g. "
+            "`torchrun --nproc-per-node 2 train.py`, or call torch.distributed.init_process_group(...) "
+            "before wrapping the step, or pass process_group=."
+        )
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(local_device())
+    dist.init_process_group(backend, timeout=timeout)
+
+
+@dataclass
+class _Comm:
+    """The group a wrapped step reduces over, and how to wait on it."""
+
+    group: Any
+    rank: int
+    world: int
+    backend: str
+    timeout: float
+
+    def describe(self) -> str:
+        return f"rank {self.rank} of {self.world} ({self.backend})"
+
+    def launch(self, tensor: Tensor, what: str, step: int, op: Any = None) -> Any:
+        dist = torch.distributed
+        try:
+            return dist.all_reduce(tensor, op=op or dist.ReduceOp.SUM, group=self.group, async_op=True)
+        except RuntimeError as e:
+            raise self.error(what, step, e) from e
+
+    def wait(self, work: Any, what: str, step: int) -> None:
+        try:
+            if self.backend == "nccl":
+                work.wait()  # a stream dependency, not a host sync; NCCL's watchdog enforces the timeout
+            else:
+                work.wait(timeout=datetime.timedelta(seconds=self.timeout))
+        except RuntimeError as e:
+            raise self.error(what, step, e) from e
+
+    def all_reduce(self, tensor: Tensor, what: str, step: int, op: Any = None) -> Tensor:
+        self.wait(self.launch(tensor, what, step, op), what, step)
+        return tensor
+
+    def error(self, what: str, step: int, cause: BaseException) -> DistributedError:
+        text = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+        timed_out = "timed out" in text.lower() or "timeout" in text.lower()
+        why = (
+            f"it did not complete within timeout={self.timeout:g}s: a peer rank has died, hangs, "
+            "or runs a different number of steps (uneven data?)"
+            if timed_out
+            else "a peer rank has died or closed its connection"
+        )
+        return DistributedError(
+            f"distributed: the {what} at step {step} failed on {self.describe()}: {why}. "
+            f"[{type(cause).__name__}: {text[:300]}] "
+            "The run cannot go on from here. Check the other ranks' logs; restart the run "
+            "(torchrun --max-restarts, fit(..., resume='latest')); raise timeout= for steps that are slow on purpose."
+        )
+
+
+def _make_comm(process_group: Any, backend: str | None, timeout: float) -> _Comm:
+    dist = torch.distributed
+    if not dist.is_available():
+        raise RuntimeError("distributed: this build of torch has no torch.distributed.")
+    td = datetime.timedelta(seconds=timeout)
+    if process_group is None:
+        if not dist.is_initialized():
+            _init_default_group(backend, td)
+        group = dist.group.WORLD
+    else:
+        if not isinstance(process_group, dist.ProcessGroup):
+            raise TypeError(
+                f"distributed: process_group must be a torch.distributed.ProcessGroup (or None for the default group), "
+                f"got {type(process_group).__name__}."
+            )
+        group = process_group
+    if hasattr(group, "set_timeout"):
+        # So that the process of a survivor exits too: gloo's own pending receive then times out.
+        group.set_timeout(td)
+    return _Comm(group, dist.get_rank(group), dist.get_world_size(group), str(dist.get_backend(group)), timeout)
+
+
+# --------------------------------------------------------------------------- gradient buckets
+
+
+@dataclass(frozen=True)
+class _Layout:
+    buckets: tuple[tuple[int, ...], ...]  # parameter indices per bucket, in launch order
+    where: tuple[tuple[int, int], ...]  # per parameter: (bucket, offset)
+    sizes: tuple[int, ...]  # elements per bucket
+    dtypes: tuple[torch.dtype, ...]
+    devices: tuple[torch.device, ...]
+
+
+def _layout(params: Sequence[Tensor], cap_bytes: int) -> _Layout:
+    # Reverse order (backward produces the last layer's gradients first); a small first
+    # bucket, as DDP does, so communication starts early.
+    buckets: list[list[int]] = []
+    sizes: list[int] = []
+    kinds: list[tuple[torch.dtype, torch.device]] = []
+    cap = min(cap_bytes, 1 << 20)
+    where: dict[int, tuple[int, int]] = {}
+    for i in reversed(range(len(params))):
+        p = params[i]
+        kind = (p.dtype, p.device)
+        nbytes = p.numel() * p.element_size()
+        if not buckets or kinds[-1] != kind or (sizes[-1] and (sizes[-1] * p.element_size() + nbytes > cap)):
+            if buckets:
+                cap = cap_bytes
+            buckets.append([])
+            sizes.append(0)
+            kinds.append(kind)
+        where[i] = (len(buckets) - 1, sizes[-1])
+        buckets[-1].append(i)
+        sizes[-1] += p.numel()
+    return _Layout(
+        tuple(tuple(b) for b in buckets),
+        tuple(where[i] for i in range(len(params))),
+        tuple(sizes),
+        tuple(k[0] for k in kinds),
+        tuple(k[1] for k in kinds),
+    )
+
+
+class _Round:
+    """One backward pass: the buckets being filled, and their all-reduces in flight."""
+
+    def __init__(self, layout: _Layout, params: Sequence[Tensor], comm: _Comm, step: int) -> None:
+        self.layout = layout
+        self.comm = comm
+        self.step = step
+        self.shapes = [p.shape for p in params]
+        self.numels = [p.numel() for p in params]
+        self.flats = [torch.empty(n, dtype=d, device=dev) for n, d, dev in zip(layout.sizes, layout.dtypes, layout.devices)]
+        self.missing = [len(b) for b in layout.buckets]
+        self.captured: list[Tensor | None] = [None] * len(params)
+        self.works: list[Any] = [None] * len(layout.buckets)
+        self.launched = 0
+        self.handles: list[Any] = []
+        self.scale = 1.0 / comm.world  # applied while copying in: the sum of the buckets is then the mean
+
+    def what(self, b: int) -> str:
+        return f"gradient all-reduce (bucket {b + 1}/{len(self.flats)})"
+
+    def put(self, i: int, grad: Tensor) -> None:
+        b, off = self.layout.where[i]
+        with torch.no_grad():
+            dst = self.flats[b][off : off + self.numels[i]]
+            if self.scale == 1.0:
+                dst.copy_(grad.reshape(-1))
+            else:
+                torch.mul(grad.reshape(-1), self.scale, out=dst)
+        self.captured[i] = grad
+        self.missing[b] -= 1
+        self.launch_ready()
+
+    def launch_ready(self) -> None:
+        while self.launched < len(self.flats) and self.missing[self.launched] == 0:
+            b = self.launched
+            self.works[b] = self.comm.launch(self.flats[b], self.what(b), self.step)
+            self.launched += 1
+
+    def hook(self, i: int) -> Callable[[Tensor], None]:
+        def on_grad(grad: Tensor) -> None:
+            self.put(i, grad)
+
+        return on_grad
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+    def finish(self, grads: list[Tensor]) -> list[Tensor]:
+        self.close()
+        if any(c is not None and g is not c for g, c in zip(grads, self.captured)):
+            # A hook outside this transform changed the gradients after backward: what is in
+            # flight is stale. Drain it (every rank issued it) and reduce what we were given.
+            for b in range(self.launched):
+                self.comm.wait(self.works[b], self.what(b), self.step)
+            self.captured = [None] * len(grads)
+            self.missing = [len(b) for b in self.layout.buckets]
+            self.works = [None] * len(self.flats)
+            self.launched = 0
+        for i, g in enumerate(grads):
+            if self.captured[i] is None:  # no hook fired: an unused parameter, or overlap=False
+                self.put(i, g)
+        for b in range(len(self.flats)):
+            self.comm.wait(self.works[b], self.what(b), self.step)
+        out: list[Tensor] = []
+        for i in range(len(grads)):
+            b, off = self.layout.where[i]
+            out.append(self.flats[b][off : off + self.numels[i]].view(self.shapes[i]))
+        return out
+
+
+class _GradientReducer(_functional.StepHook):
+    """Starts bucketed all-reduces during backward (``loss`` hook), finishes them after (``grads`` hook)."""
+
+    def __init__(self, comm: _Comm, cap_bytes: int, overlap: bool, layouts: dict, step: int) -> None:
+        self.comm = comm
+        self.cap_bytes = cap_bytes
+        self.overlap = overlap
+        self.layouts = layouts
+        self.step = step
+        self.round: _Round | None = None
+        self.rounds = 0
+
+    def _begin(self, params: Sequence[Tensor]) -> _Round:
+        key = tuple((tuple(p.shape), p.dtype, p.device) for p in params)
+        layout = self.layouts.get(key)
+        if layout is None:
+            layout = self.layouts[key] = _layout(params, self.cap_bytes)
+        return _Round(layout, params, self.comm, self.step)
+
+    def loss(self, loss: Tensor, params: Sequence[Tensor]) -> Tensor:
+        self.close()
+        self.round = self._begin(params)
+        if self.overlap:
+            for i, p in enumerate(params):
+                if p.requires_grad:
+                    self.round.handles.append(p.register_hook(self.round.hook(i)))
+        return loss
+
+    def grads(self, grads: list[Tensor], params: Sequence[Tensor]) -> list[Tensor]:
+        rnd = self.round if self.round is not None else self._begin(params)
+        self.round = None
+        self.rounds += 1
+        return rnd.finish(list(grads))
+
+    def close(self) -> None:
+        if self.round is not None:
+            self.round.close()
+            self.round = None
+
+
+# --------------------------------------------------------------------------- metrics and the first step
+
+
+def _reduce_metrics(metrics: Mapping[str, Any], n: int, comm: _Comm, device: torch.device, step: int) -> dict[str, Any]:
+    keys = list(metrics)
+    if not keys:
+        return {}
+    with torch.no_grad():
+        vals = [torch.as_tensor(metrics[k]).detach().to(device, torch.float64).reshape(()) for k in keys]
+        packed = torch.stack([*vals, torch.ones((), dtype=torch.float64, device=device)]) * float(n)
+        comm.all_reduce(packed, "metric all-reduce", step)
+        means = packed[:-1] / packed[-1]
+    out = {}
+    for i, k in enumerate(keys):
+        v = metrics[k]
+        dtype = v.dtype if isinstance(v, Tensor) and v.is_floating_point() else torch.get_default_dtype()
+        out[k] = means[i].to(dtype)
+    return out
+
+
+def _check_same_start(state: TrainState, comm: _Comm) -> None:
+    """Every rank must start from the same state, or the ranks silently drift apart."""
+    with torch.no_grad():
+        device = state.device if comm.backend == "nccl" else torch.device("cpu")
+        p = [t.detach().to(device, torch.float64) for t in state.params.values()]
+        total = torch.stack([t.sum() for t in p]).sum() if p else torch.zeros((), dtype=torch.float64, device=device)
+        squares = torch.stack([(t * t).sum() for t in p]).sum() if p else total
+        mine = torch.stack([total, squares, torch.tensor(float(state.step), dtype=torch.float64, device=device),
+                            torch.tensor(float(state.rng % (1 << 52)), dtype=torch.float64, device=device)])
+        both = torch.cat([mine, -mine])
+        comm.all_reduce(both, "start-state check", state.step, torch.distributed.ReduceOp.MAX)
+    if not torch.equal(both[:4], -both[4:]):
+        raise DistributedError(
+            f"distributed: the ranks start from different states (params, step or rng differ; seen on {comm.describe()}). "
+            "Build the state the same way on every rank (torch.manual_seed(0) before creating the model, the same "
+            "seed= for TrainState.create), or resume every rank from the same checkpoint."
+        )
+
+
+# --------------------------------------------------------------------------- the transform
+
+
+def distributed(
+    step: Callable[..., Any] | None = None,
+    *,
+    process_group: Any = None,
+    timeout: Union[float, datetime.timedelta] = 600.0,
+    bucket_cap_mb: float = 25.0,
+    overlap: bool = True,
+    reduce_metrics: bool = True,
+    backend: str | None = None,
+) -> Any:
+    """Run ``step`` on every rank of a ``torch.distributed`` group, averaging the gradients across ranks.
+
+    Args:
+      step: a batch step ``(state, batch) -> (state, metrics)`` computing its gradients
+        with :func:`trainkit.value_and_grad`; each rank passes its own part of the global
+        batch (:func:`trainkit.fit` shards the data for you). Omit it for :func:`trainkit.compose`.
+      process_group: the group to reduce over; ``None`` is the default group, which is
+        initialized from torchrun's environment if it is not yet (``backend``: ``None``
+        picks NCCL where CUDA is available, else gloo).
+      timeout: seconds (or a ``timedelta``) a collective may take before
+        :class:`DistributedError` is raised; also set on the group, so a survivor of a dead
+        peer exits. Default 600 s (NCCL's default).
+      bucket_cap_mb: size of the gradient buckets (DDP's default, 25 MB).
+      overlap: all-reduce each bucket as soon as backward has filled it (default), or
+        all of them after backward.
+      reduce_metrics: average the metrics across ranks, weighted by each rank's batch
+        size (one small all-reduce per step), so that every rank logs, checks and stops
+        on the same numbers.
+
+    Returns:
+      The wrapped step. Its gradients are the mean over ranks of each rank's gradients
+      (each rank counts equally, as in DDP: give every rank the same batch size, which
+      ``fit``'s sharding does), so ``W`` ranks equal one process on the global batch.
+
+    Raises:
+      RuntimeError at wrap time when there is no process group and no torchrun
+      environment; ValueError/TypeError for bad arguments, an epoch step, or another
+      parallel transform inside. :class:`DistributedError` at call time when a
+      collective fails or times out, or when the ranks start from different states.
+
+    Where it stands: outermost among the batch-step transforms
+    (``tk.compose(tk.distributed(), tk.mixed_precision(...))``), so that inner
+    transforms see the averaged gradients and every rank makes the same decisions.
+    ``early_stop`` wraps the epoch step built from it; its decision is the same on
+    every rank because ``fit`` averages the epoch metrics over ranks.
+
+    >>> import torch, trainkit as tk
+    >>> tk.distributed(timeout=-1)
+    Traceback (most recent call last):
+    ...
+    ValueError: distributed: timeout must be a positive number of seconds (or a timedelta), got -1.
+    """
+    seconds = _seconds(timeout)
+    if isinstance(bucket_cap_mb, bool) or not isinstance(bucket_cap_mb, (int, float)) or not bucket_cap_mb > 0:
+        raise ValueError(f"distributed: bucket_cap_mb must be a positive number, got {bucket_cap_mb!r}.")
+    for name, flag in (("overlap", overlap), ("reduce_metrics", reduce_metrics)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"distributed: {name} must be True or False, got {flag!r}.")
+    if backend is not None and backend not in ("gloo", "nccl"):
+        raise ValueError(f"distributed: backend must be 'gloo', 'nccl' or None (pick by device), got {backend!r}.")
+    cap_bytes = max(1, int(bucket_cap_mb * (1 << 20)))
+
+    def make(inner: Callable[..., Any]) -> Callable[..., Any]:
+        if is_epoch_step(inner):
+            raise TypeError(
+                "distributed wraps a batch step (state, batch) -> (state, metrics), got an epoch step. "
+                "Apply it first: tk.epoch_step(tk.distributed(train_step), eval_step)."
+            )
+        clash = [t for t in applied_transforms(inner) if t in _EXCLUSIVE]
+        if clash:
+            raise ValueError(
+                f"distributed: the step is already wrapped by {clash[0]}; use one parallel transform "
+                "(distributed across processes; data_parallel on the devices of one process; xla_sharded on XLA)."
+            )
+        comm = _make_comm(process_group, backend, seconds)
+        layouts: dict = {}
+        checked = [False]
+
+        def distributed_step(state: TrainState, batch: Any) -> tuple[TrainState, dict[str, Any]]:
+            if not isinstance(state, TrainState):
+                raise TypeError(f"distributed: state must be a TrainState, got {type(state).__name__}.")
+            if comm.backend == "nccl" and state.params and state.device.type != "cuda":
+                raise ValueError(
+                    f"distributed: the process group uses NCCL, which reduces CUDA tensors, but the state is on {state.device}. "
+                    "Put it on this rank's GPU: state.to(trainkit.transforms.distributed.local_device())."
+                )
+            if not checked[0]:
+                _check_same_start(state, comm)
+                checked[0] = True
+            reducer = _GradientReducer(comm, cap_bytes, overlap, layouts, state.step)
+            try:
+                with _functional.hooks(reducer):
+                    new_state, metrics = _check_step_output(inner(state, batch), "distributed: step")
+            finally:
+                reducer.close()
+            if reducer.rounds == 0:
+                raise RuntimeError(
+                    "distributed: the step computed no gradients through trainkit.value_and_grad, so nothing was "
+                    "averaged across ranks and they would drift apart. Compute them with tk.value_and_grad(loss_fn)(state.params)."
+                )
+            if reduce_metrics:
+                device = new_state.device if comm.backend == "nccl" else torch.device("cpu")
+                metrics = _reduce_metrics(metrics, batch_size(batch), comm, device, state.step)
+            return new_state, metrics
+
+        return mark(distributed_step, inner, "distributed")
+
+    return two_forms(step, "distributed", make)
+
+
+# --------------------------------------------------------------------------- for the runner
+
+
+class _Strided(torch.utils.data.Sampler):
+    """Indices ``rank, rank + world, ...``: each sample once, no padding (for evaluation)."""
+
+    def __init__(self, n: int, rank: int, world: int) -> None:
+        self.n, self.rank, self.world = n, rank, world
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.rank, self.n, self.world))
+
+    def __len__(self) -> int:
+        return len(range(self.rank, self.n, self.world))
+
+
+def shard_loader(loader: Iterable[Any], *, train: bool, seed: int = 0) -> Iterable[Any]:
+    """This rank's share of ``loader`` (used by :func:`trainkit.fit` under torch.distributed).
+
+    A ``DataLoader`` over a map-style dataset is rebuilt with the same settings around
+    a sampler that gives this rank its part of the data:
+
+    * ``train=True``: ``DistributedSampler`` (shuffled if the loader was, by ``seed`` and
+      the epoch that ``fit`` sets, so a resumed run sees the same batches; padded so
+      that every rank gets the same number of batches and no rank waits for a peer);
+    * ``train=False``: every ``world``-th sample, no padding (evaluation needs no
+      collectives, and ``fit`` averages the metrics over ranks weighted by counts).
+
+    Anything else (a list of batches, an iterable dataset, a loader that already has a
+    ``DistributedSampler`` or its own batch sampler) is returned as it is: it must then
+    yield this rank's batches, the same number on every rank. Outside torch.distributed
+    it returns ``loader`` itself.
+
+    >>> batches = [1, 2, 3]
+    >>> shard_loader(batches, train=True) is batches
+    True
+    """
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return loader
+    from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, IterableDataset, RandomSampler
+
+    if not isinstance(loader, DataLoader) or isinstance(loader.dataset, IterableDataset):
+        return loader
+    if isinstance(loader.sampler, (DistributedSampler, _Strided)) or type(loader.batch_sampler) is not BatchSampler:
+        return loader
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if train:
+        sampler: Any = DistributedSampler(
+            loader.dataset, num_replicas=world, rank=rank, shuffle=isinstance(loader.sampler, RandomSampler), seed=seed, drop_last=False
+        )
+    else:
+        sampler = _Strided(len(loader.dataset), rank, world)  # type: ignore[arg-type]
+    return DataLoader(
+        loader.dataset,
+        batch_size=loader.batch_size,
+        sampler=sampler,
+        num_workers=loader.num_workers,
+        collate_fn=loader.collate_fn,
+        pin_memory=loader.pin_memory,
+        drop_last=loader.drop_last,
+        timeout=loader.timeout,
+        worker_init_fn=loader.worker_init_fn,
+        multiprocessing_context=loader.multiprocessing_context,
+        generator=loader.generator,
+        prefetch_factor=loader.prefetch_factor if loader.num_workers > 0 else None,
+        persistent_workers=loader.persistent_workers,
+        pin_memory_device=loader.pin_memory_device,
+    )
+
+
+def reduce_means(sums: Mapping[str, Any], count: int) -> dict[str, float]:
+    """Weighted means over every rank: ``sum of sums / sum of counts`` (the same on all ranks).
+
+    ``fit`` calls it at the end of each epoch so that the epoch metrics (and the
+    decisions taken on them, such as early stopping) are identical on every rank.
+    Outside torch.distributed it is the local mean.
+
+    >>> reduce_means({"loss": 6.0}, 3)
+    {'loss': 2.0}
+    """
+    local = ({k: float(v) for k, v in sums.items()}, int(count))  # a host sync, once per epoch
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        gathered = [local]
+    else:
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, local)
+    total = sum(c for _, c in gathered)
+    keys: dict[str, None] = {}
+    for s, _ in gathered:
+        keys.update(dict.fromkeys(s))
+    return {k: sum(s.get(k, 0.0) for s, _ in gathered) / total for k in keys} if total else {}
