@@ -61,8 +61,32 @@ class _Context:
 _CTX: contextvars.ContextVar[_Context] = contextvars.ContextVar("trainkit_ctx", default=_Context())
 
 
+# torch.compile cannot trace a ContextVar. While trainkit.jit traces a step, the
+# context lives on this plain stack instead: jit pushes the caller's context, and
+# hooks()/donating() inside the traced step push and pop here.
+_TRACED: list[_Context] = []
+
+
 def _context() -> _Context:
+    if torch.compiler.is_compiling():
+        return _TRACED[-1] if _TRACED else _Context()
     return _CTX.get()
+
+
+@contextlib.contextmanager
+def _entered(new: _Context) -> Iterator[None]:
+    if torch.compiler.is_compiling():
+        _TRACED.append(new)
+        try:
+            yield
+        finally:
+            _TRACED.pop()
+        return
+    token = _CTX.set(new)
+    try:
+        yield
+    finally:
+        _CTX.reset(token)
 
 
 @contextlib.contextmanager
@@ -81,12 +105,9 @@ def hooks(*new: StepHook) -> Iterator[None]:
     for h in new:
         if not isinstance(h, StepHook):
             raise TypeError(f"hooks: expected StepHook instances, got {type(h).__name__}")
-    ctx = _CTX.get()
-    token = _CTX.set(_Context(hooks=ctx.hooks + tuple(new), donate=ctx.donate))
-    try:
+    ctx = _context()
+    with _entered(_Context(hooks=ctx.hooks + tuple(new), donate=ctx.donate)):
         yield
-    finally:
-        _CTX.reset(token)
 
 
 @contextlib.contextmanager
@@ -104,17 +125,14 @@ def donating(donate: bool = True) -> Iterator[None]:
     ...     tk.is_donating()
     True
     """
-    ctx = _CTX.get()
-    token = _CTX.set(_Context(hooks=ctx.hooks, donate=bool(donate)))
-    try:
+    ctx = _context()
+    with _entered(_Context(hooks=ctx.hooks, donate=bool(donate))):
         yield
-    finally:
-        _CTX.reset(token)
 
 
 def is_donating() -> bool:
     """Whether the current step may update its input state in place (see :func:`donating`)."""
-    return _CTX.get().donate
+    return _context().donate
 
 
 def _check_loss(loss: Any) -> Tensor:
@@ -176,7 +194,7 @@ def value_and_grad(
             else:
                 loss, aux = out, None
             loss = _check_loss(loss)
-            ctx = _CTX.get()
+            ctx = _context()
             differentiated = loss
             for h in reversed(ctx.hooks):  # innermost transform sees the loss first
                 differentiated = h.loss(differentiated, leaves)

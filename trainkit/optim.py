@@ -86,7 +86,10 @@ def apply_updates(tx: GradientTransformation, grads: list[Tensor], opt_state: An
     >>> p[0].item(), s["count"]
     (0.0, 1)
     """
-    if tx.apply is not None:
+    # Under trainkit.jit the LR is a 0-d tensor (a graph input, so a new LR needs no
+    # recompile), which ``update`` takes and the fused ``apply`` (Python-scalar
+    # arguments) does not; inductor fuses the update into one pass anyway.
+    if tx.apply is not None and not torch.compiler.is_compiling():
         return tx.apply(grads, opt_state, params)
     updates, opt_state = tx.update(grads, opt_state, params)
     torch._foreach_add_(params, updates)
@@ -202,7 +205,11 @@ def _adam(lr: ScalarOrSchedule, b1: float, b2: float, eps: float, weight_decay: 
         updates = torch._foreach_div(mu, denom)
         torch._foreach_mul_(updates, -step_size)
         if weight_decay and decoupled:
-            torch._foreach_add_(updates, params, alpha=-state["lr"] * weight_decay)
+            decay = -state["lr"] * weight_decay
+            if isinstance(decay, Tensor):  # the LR is a tensor under trainkit.jit: no alpha=
+                torch._foreach_add_(updates, torch._foreach_mul(params, decay))
+            else:
+                torch._foreach_add_(updates, params, alpha=decay)
         return updates, _advance(state, schedule)
 
     def apply(grads: list[Tensor], state: dict, params: list[Tensor]) -> dict:

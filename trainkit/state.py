@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import threading
@@ -179,8 +180,10 @@ class TrainState:
             buffers = {k: v.clone() for k, v in buffers.items()}
         if torch.compiler.is_compiling():
             # Under torch.compile the module is called through functional_call, which
-            # dynamo understands; the RNG is seeded outside the graph by trainkit.jit.
-            out = torch.func.functional_call(self.module, {**params, **buffers}, args, kwargs, tie_weights=False)
+            # dynamo understands, on a tensor-less copy in the mode asked for (see
+            # _traced_module); the RNG is seeded outside the graph by trainkit.jit.
+            module = _traced_module(self.module, bool(train))
+            out = torch.func.functional_call(module, {**params, **buffers}, args, kwargs, tie_weights=False)
             return out, dict(buffers)
         binder = _binder(self.module)
         binder.bind(self.module, params, buffers, train)
@@ -324,6 +327,25 @@ def _binder(module: nn.Module) -> _Binder:
     if binder is None:
         binder = _BINDERS[module] = _Binder(module)
     return binder
+
+
+def _traced_module(module: nn.Module, train: bool) -> nn.Module:
+    """The copy of ``module`` that a compiled step calls (trainkit.jit makes it before tracing).
+
+    Its tensors are on the meta device (functional_call swaps in the state's), so a
+    graph never depends on what an eager call bound to ``module``, and each copy stays
+    in one mode: ``(eval_copy, train_copy)[train]``. Kept in ``module.__dict__``, so it
+    is no submodule and adds nothing to ``named_parameters()``.
+    """
+    copies = module.__dict__.get("_trainkit_traced")
+    if copies is None:
+        memo: dict[int, Any] = {}
+        for t in (*module.parameters(), *module.buffers()):
+            meta = torch.empty_like(t, device="meta")
+            memo[id(t)] = nn.Parameter(meta, t.requires_grad) if isinstance(t, nn.Parameter) else meta
+        copies = tuple(copy.deepcopy(module, dict(memo)).train(mode) for mode in (False, True))
+        object.__setattr__(module, "_trainkit_traced", copies)
+    return copies[train]
 
 
 class _seeded:

@@ -1,0 +1,475 @@
+"""``jit``: the whole step (forward, backward, optimizer update) compiled as one graph.
+
+The way JAX jits a train step: ``tk.jit(step)`` hands ``step`` to ``torch.compile``
+so that the loss, its gradient (``tk.value_and_grad``) and the optimizer update
+(``state.apply_gradients``) become one graph with fused kernels and no Python
+between them. What trainkit adds on top of ``torch.compile``:
+
+* **No recompiles from the state.** A state's Python numbers change every step
+  (``step``, the optimizer's ``count`` and ``lr``, counters in transform slots).
+  ``jit`` marks them dynamic before the first trace, so a stream of same-shaped
+  batches compiles once.
+* **Donation.** Under :func:`trainkit.donating` (``fit`` and ``trainkit.bench``
+  donate) the compiled step updates the state's buffers in place. Otherwise it
+  runs the same graph on a copy of the state: the step stays pure and passes
+  :func:`trainkit.testing.check_step`. ``donate=False`` never updates in place.
+* **Determinism.** The RNG (dropout) is seeded outside the graph from
+  ``(state.rng, state.step)``, as the eager step seeds it, so a jitted step gives
+  the same result twice. The masks differ from the eager step's (inductor draws
+  its random numbers its own way); everything else agrees to float rounding.
+* **A recompile guard**, like chex's ``assert_max_traces``: past ``max_recompiles``
+  recompiles it warns (or raises, ``on_recompile="raise"``) with dynamo's reason.
+* **Errors that say what to fix.** Under ``fullgraph=True`` a graph break raises
+  :class:`JitError` naming what broke (``.item()``, a Python ``if`` on a tensor, a
+  ``print``) and how to fix it.
+
+Where it stands in a composition: outermost among the batch-level transforms,
+``tk.compose(tk.jit(), tk.mixed_precision(dtype=torch.bfloat16))(step)``, so the
+transforms inside are compiled with the step. Epoch-level transforms
+(``early_stop``) wrap the epoch fold of a jitted step as usual.
+"""
+
+from __future__ import annotations
+
+import itertools
+import types
+import warnings
+from typing import Any, Callable, Literal
+
+import torch
+from torch import Tensor
+from torch.utils import _pytree as pytree
+
+from .. import functional as _functional
+from ..run import is_epoch_step
+from ..state import TrainState, _derive_seed, _traced_module
+from ._base import mark, two_forms
+
+__all__ = ["jit", "JitError", "RecompileWarning", "RecompileError", "JittedStep"]
+
+_MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+class JitError(RuntimeError):
+    """The step could not be compiled as asked (a graph break under ``fullgraph=True``, ...)."""
+
+
+class RecompileWarning(UserWarning):
+    """A jitted step compiled more often than ``max_recompiles`` allows."""
+
+
+class RecompileError(RuntimeError):
+    """A jitted step compiled more often than ``max_recompiles`` allows (``on_recompile="raise"``)."""
+
+
+def _traced(step: Callable[..., Any], state: TrainState, batch: Any) -> Any:
+    return step(state, batch)
+
+
+_COUNTER = itertools.count(1)
+
+
+def _fresh_function(name: str) -> Callable[..., Any]:
+    # torch.compile caches graphs (and counts recompiles) per code object. Each jitted
+    # step gets a code object of its own, so two jitted steps never share a cache or
+    # eat into each other's recompile limit, and logs name the step.
+    # (Code objects compare by value: the counter keeps dynamo's per-code records apart.)
+    label = "".join(c if c.isalnum() else "_" for c in name) + f"_{next(_COUNTER)}"
+    code = _traced.__code__.replace(co_name=f"jit_{label}", co_qualname=f"jit_{label}")
+    return types.FunctionType(code, _traced.__globals__, code.co_name)
+
+
+def _int_sources(state: TrainState) -> str:
+    # Dynamo names the inputs of _traced L['step'], L['state'], L['batch']; the state's
+    # Python ints (not bools) are marked dynamic by name, its tensors keep static shapes.
+    leaves, _ = pytree.tree_flatten_with_path(state)
+    names = [
+        "L['state']" + pytree.keystr(path)
+        for path, leaf in leaves
+        if isinstance(leaf, int) and not isinstance(leaf, bool)
+    ]
+    return ",".join(names)
+
+
+def _lr_tensors(opt_state: Any) -> Any:
+    # Optimizer stages keep {"count": int, "lr": float, ...} (see trainkit.optim).
+    if isinstance(opt_state, dict):
+        lr = opt_state.get("lr")
+        if type(lr) is float and "count" in opt_state:
+            return {**opt_state, "lr": torch.tensor(lr, dtype=torch.float64)}
+        return opt_state
+    if isinstance(opt_state, (tuple, list)):
+        new = [_lr_tensors(s) for s in opt_state]
+        return type(opt_state)(new) if any(a is not b for a, b in zip(new, opt_state)) else opt_state
+    return opt_state
+
+
+def _lr_floats(opt_state: Any) -> Any:
+    if isinstance(opt_state, dict):
+        lr = opt_state.get("lr")
+        return {**opt_state, "lr": float(lr)} if isinstance(lr, Tensor) and "count" in opt_state else opt_state
+    if isinstance(opt_state, (tuple, list)):
+        new = [_lr_floats(s) for s in opt_state]
+        return type(opt_state)(new) if any(a is not b for a, b in zip(new, opt_state)) else opt_state
+    return opt_state
+
+
+def _check_metrics(out: Any, name: str) -> None:
+    if not (isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], dict)):
+        return  # not a step's output: the runner says what is wrong
+    for k, v in out[1].items():
+        if not isinstance(v, Tensor):
+            raise JitError(
+                f"jit: metric {k!r} of step {name!r} is a {type(v).__name__}, not a tensor: the step reads a tensor "
+                "on the host (.item(), float(t), .tolist()), a sync that stalls the device every step. Return the "
+                f'tensor itself, e.g. {{"{k}": loss}}; the runner reads metrics at log intervals.'
+            )
+
+
+def _explain_break(err: BaseException, name: str) -> str:
+    text = str(err).strip()
+    veto = ""
+    if "allow_update" in text:
+        veto = (
+            "This break is in a transform's veto of the update: mixed_precision with float16 skips a step whose "
+            "gradients are not finite, a decision read on the host (as GradScaler's), which one graph cannot hold. "
+            "Use dtype=torch.bfloat16 (no loss scaling, so no veto), or tk.jit(step, fullgraph=False), which "
+            "compiles the step in pieces around that check.\n"
+        )
+    return (
+        f"jit: the step {name!r} cannot be compiled as one graph (fullgraph=True). torch.compile "
+        f"stopped here:\n\n{text}\n\n{veto}"
+        "Usual causes in a step, and their fixes:\n"
+        "  * .item(), float(t), int(t), bool(t) or .tolist() of a tensor: keep metrics as tensors "
+        "(the runner reads them at log intervals);\n"
+        "  * a Python `if`/`while` on a tensor's value: use torch.where, or move the decision out of the step;\n"
+        "  * print(), logging, numpy or other non-torch calls on tensors: do them outside the step;\n"
+        "  * an optimizer from torch.optim or .backward(): use trainkit.value_and_grad and state.apply_gradients.\n"
+        "Or allow graph breaks with tk.jit(step, fullgraph=False) (slower: Python runs between the pieces)."
+    )
+
+
+# Words in the names of the torch functions and methods that draw random numbers (the
+# aten ops tagged nondeterministic_seeded, and their Python wrappers such as F.dropout).
+_RANDOM_WORDS = (
+    "rand", "dropout", "bernoulli", "normal", "uniform", "exponential", "multinomial", "poisson", "rrelu",
+    "gamma", "cauchy", "geometric", "seed", "scaled_dot_product", "lstm", "gru", "rnn",
+)  # fmt: skip
+_TORCH_MODULES = ("torch", "_operator", "operator", "builtins", "math")
+
+
+def _draws_random(gm: torch.fx.GraphModule) -> bool:
+    """Whether a dynamo graph may draw random numbers: True unless every call is a known, non-random one."""
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            return True
+        if node.op not in ("call_function", "call_method"):
+            continue
+        target = node.target
+        if isinstance(target, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
+            ops = [target] if isinstance(target, torch._ops.OpOverload) else [getattr(target, o) for o in target.overloads()]
+            if any(torch.Tag.nondeterministic_seeded in op.tags for op in ops):
+                return True
+            continue
+        name = target if isinstance(target, str) else getattr(target, "__name__", "")
+        if any(w in name.lower() for w in _RANDOM_WORDS):
+            return True
+        module = "" if isinstance(target, str) else (getattr(target, "__module__", None) or "")
+        if not isinstance(target, str) and module.split(".")[0] not in _TORCH_MODULES:
+            return True  # a custom op or an unknown callable: it may draw
+    return False
+
+
+class _Backend:
+    """The ``torch.compile`` backend of one jitted step: notes whether the graph draws random
+    numbers (so calls of a graph that does not skip seeding the RNG), then compiles with
+    inductor (its ``mode`` and ``options`` applied as ``torch.compile`` applies them) or
+    with the backend asked for."""
+
+    def __init__(self, owner: "JittedStep", backend: Any, mode: str | None, options: dict[str, Any] | None, dynamic: bool | None) -> None:
+        self.owner, self.backend = owner, backend
+        self.config: dict[str, Any] = {}
+        if backend == "inductor":
+            if mode not in (None, "default"):
+                self.config.update(torch._inductor.list_mode_options(mode, dynamic))
+            self.config.update(options or {})
+        self.__name__ = f"trainkit_jit_{backend if isinstance(backend, str) else getattr(backend, '__name__', 'backend')}"
+
+    def __call__(self, gm: torch.fx.GraphModule, example_inputs: list[Any], **_: Any) -> Callable[..., Any]:
+        self.owner._draws_random = self.owner._draws_random or _draws_random(gm)
+        if self.backend == "inductor":
+            from torch._inductor.compile_fx import compile_fx
+
+            return compile_fx(gm, example_inputs, config_patches=self.config)
+        inner = torch._dynamo.lookup_backend(self.backend) if isinstance(self.backend, str) else self.backend
+        return inner(gm, example_inputs)
+
+
+class _Call:
+    """One call of a jitted step in flight, as the compile callbacks see it."""
+
+    __slots__ = ("jitted", "state", "rng", "config", "compiled")
+
+    def __init__(self, jitted: "JittedStep", state: TrainState) -> None:
+        self.jitted, self.state = jitted, state
+        self.rng: tuple[Any, ...] | None = None  # saved generator states while seeded
+        self.config: tuple[Any, Any] | None = None  # saved dynamo config while compiling
+        self.compiled = False
+
+    def seed(self) -> None:
+        # The step's randomness is a function of (rng, step), as in the eager step;
+        # the caller's RNG stream is restored after the call.
+        state = self.state
+        seed = _derive_seed(state.rng, state.step)
+        gens = [torch.default_generator]
+        for t in state.params.values():
+            if t.device.type == "cuda":
+                gens.append(torch.cuda.default_generators[t.device.index if t.device.index is not None else torch.cuda.current_device()])
+            break
+        self.rng = tuple((g, g.get_state()) for g in gens)
+        for g in gens:
+            g.manual_seed(seed)
+
+    def restore(self) -> None:
+        if self.rng is not None:
+            for g, saved in self.rng:
+                g.set_state(saved)
+            self.rng = None
+
+
+# The calls of jitted steps in progress, innermost last.
+_IN_FLIGHT: list[_Call] = []
+
+
+def _on_compile_start(args: Any) -> None:
+    # Dynamo is about to trace a frame. Setting its config here, rather than around every
+    # call (about 20 us a call), costs nothing on the calls that hit the cache. Read at
+    # trace time: torch.autograd.grad (in value_and_grad) traces into the graph instead
+    # of breaking it, and the state's Python ints are dynamic from the first compile.
+    if not _IN_FLIGHT:
+        return
+    call = _IN_FLIGHT[-1]
+    if call.config is None:
+        cfg, ccfg = torch._dynamo.config, torch.compiler.config
+        call.config = (cfg.trace_autograd_ops, ccfg.dynamic_sources)
+        cfg.trace_autograd_ops = True
+        ccfg.dynamic_sources = ",".join(s for s in (ccfg.dynamic_sources, _int_sources(call.state)) if s)
+    call.compiled = True
+    if call.rng is None:
+        call.seed()  # the new graph may draw: seed before it runs (tracing keeps the RNG as it finds it)
+
+
+def _on_compile_end(args: Any) -> None:
+    if _IN_FLIGHT and _IN_FLIGHT[-1].config is not None:
+        call = _IN_FLIGHT[-1]
+        torch._dynamo.config.trace_autograd_ops, torch.compiler.config.dynamic_sources = call.config
+        call.config = None
+
+
+def _install_callbacks() -> None:
+    handler = torch._dynamo.callback_handler
+    if _on_compile_start not in handler.start_callbacks:
+        handler.register_start_callback(_on_compile_start)
+        handler.register_end_callback(_on_compile_end)
+
+
+_install_callbacks()
+
+
+class JittedStep:
+    """A step compiled by :func:`jit`; call it as the step it wraps.
+
+    ``compiles`` counts the graphs compiled so far, ``recompile_reasons`` says why
+    each recompile happened (dynamo's guard failures).
+    """
+
+    def __init__(
+        self,
+        step: Callable[..., Any],
+        *,
+        mode: str | None,
+        fullgraph: bool,
+        donate: bool,
+        max_recompiles: int | None,
+        on_recompile: str,
+        backend: Any,
+        dynamic: bool | None,
+        options: dict[str, Any] | None,
+    ) -> None:
+        self.step = step
+        self.donate = donate
+        self.fullgraph = fullgraph
+        self.max_recompiles = max_recompiles
+        self.on_recompile = on_recompile
+        self.compiles = 0
+        self.recompile_reasons: list[str] = []
+        self._name = getattr(step, "__name__", type(step).__name__)
+        self._fn = _fresh_function(self._name)
+        self._code = self._fn.__code__
+        self._draws_random = False
+        self._compiled = torch.compile(
+            self._fn, fullgraph=fullgraph, backend=_Backend(self, backend, mode, options, dynamic), dynamic=dynamic
+        )
+
+    def __call__(self, state: TrainState, batch: Any) -> tuple[TrainState, dict[str, Any]]:
+        if not isinstance(state, TrainState):
+            raise TypeError(f"jit: the step's first argument must be a TrainState, got {type(state).__name__}.")
+        ctx = _functional._CTX.get()
+        if not (self.donate and ctx.donate):
+            # The same graph as the donated step, run on a copy: the caller's state is untouched.
+            state = state.clone()
+            ctx = _functional._Context(hooks=ctx.hooks, donate=True)
+        _traced_module(state.module, True)  # made outside the graph: tracing only looks it up
+        # The LR changes every step under a schedule: as a Python float, inductor would bake it
+        # into the graph and recompile for each new value; as a 0-d tensor it is an input.
+        lr_state = _lr_tensors(state.opt_state)
+        if lr_state is not state.opt_state:
+            state = state.replace(opt_state=lr_state)
+        call = _Call(self, state)
+        if self._draws_random:
+            call.seed()
+        _functional._TRACED.append(ctx)  # what value_and_grad and apply_gradients read while traced
+        token = _functional._CTX.set(ctx)  # and where dynamo falls back to running Python
+        _IN_FLIGHT.append(call)  # what the compile callbacks read, should dynamo compile
+        try:
+            out = self._compiled(self.step, state, batch)
+        except (torch._dynamo.exc.Unsupported, torch._dynamo.exc.UserError) as e:
+            raise JitError(_explain_break(e, self._name)) from e
+        finally:
+            _IN_FLIGHT.pop()
+            _functional._CTX.reset(token)
+            _functional._TRACED.pop()
+            call.restore()
+        if call.compiled:
+            _check_metrics(out, self._name)  # the output's structure is fixed per graph
+            self._after_compile()
+        new_state = out[0] if type(out) is tuple and len(out) == 2 else None
+        if isinstance(new_state, TrainState):  # an update that was vetoed hands back our LR tensors
+            lr_state = _lr_floats(new_state.opt_state)
+            if lr_state is not new_state.opt_state:
+                out = (new_state.replace(opt_state=lr_state), out[1])
+        return out
+
+    def _after_compile(self) -> None:
+        # The recompile guard (chex's assert_max_traces): count graphs, say why a new one was needed.
+        count = len(torch._dynamo.eval_frame._debug_get_cache_entry_list(self._code))
+        n, self.compiles = count - self.compiles, count
+        if n <= 0 or self.compiles == 1:
+            return
+        reasons = [str(r) for r in torch._dynamo.utils.guard_failures.get(self._code, [])]
+        new = reasons[len(self.recompile_reasons) :] or ["(dynamo gave no reason)"]
+        self.recompile_reasons.extend(new)
+        if self.max_recompiles is None or self.compiles - 1 <= self.max_recompiles:
+            return
+        msg = (
+            f"jit: step {self._name!r} compiled {self.compiles} times, more than 1 + max_recompiles="
+            f"{self.max_recompiles}. Each compile costs seconds; the last was caused by:\n  "
+            + "\n  ".join(new[-3:])
+            + "\nUsual causes: batches of changing shape (drop the last partial batch: DataLoader(drop_last=True), "
+            "or jit(step, dynamic=True)); a Python number passed in the batch; a new transform slot. "
+            "Raise max_recompiles if this is expected."
+        )
+        if self.on_recompile == "raise":
+            raise RecompileError(msg)
+        warnings.warn(msg, RecompileWarning, stacklevel=3)
+
+    def __repr__(self) -> str:
+        return f"jit({self._name}, compiles={self.compiles})"
+
+
+def jit(
+    step: Callable[..., Any] | None = None,
+    *,
+    mode: Literal[None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = None,
+    fullgraph: bool = True,
+    donate: bool = True,
+    max_recompiles: int | None = 4,
+    on_recompile: Literal["warn", "raise"] = "warn",
+    backend: Any = "inductor",
+    dynamic: bool | None = None,
+    options: dict[str, Any] | None = None,
+) -> Any:
+    """Compile ``step`` whole (forward, backward, optimizer update) with ``torch.compile``.
+
+    Args:
+      step: a batch step ``(state, batch) -> (state, metrics)`` written with
+        :func:`trainkit.value_and_grad` and :meth:`TrainState.apply_gradients`.
+        Leave it out to get a transform for :func:`trainkit.compose`.
+      mode: ``torch.compile``'s mode; ``"reduce-overhead"`` uses CUDA graphs on a GPU.
+      fullgraph: one graph or an error (:class:`JitError`, saying what broke and how
+        to fix it). ``False`` lets ``torch.compile`` split the step at graph breaks.
+      donate: under :func:`trainkit.donating` (as ``fit`` runs steps), update the
+        state's tensors in place. ``False``: never in place; the step always copies.
+      max_recompiles: how many recompiles (compiles after the first) to allow before
+        warning or raising; ``None`` for no limit.
+      on_recompile: ``"warn"`` (:class:`RecompileWarning`) or ``"raise"`` (:class:`RecompileError`).
+      backend: ``torch.compile``'s backend; ``"aot_eager"`` or ``"eager"`` compile in
+        a blink and help to find a graph break or to test without inductor.
+      dynamic: ``torch.compile``'s ``dynamic`` (``None``: static shapes, dynamic after a
+        shape changes). The state's Python numbers are dynamic whatever this says.
+      options: inductor options, as ``torch.compile``'s. ``{"fallback_random": True}``
+        draws random numbers (dropout) as the eager step does, so the jitted step
+        equals the eager one with dropout too (the default is inductor's faster RNG).
+
+    Returns:
+      a :class:`JittedStep` (the compiled step, with ``compiles`` and
+      ``recompile_reasons``), or a transform when ``step`` is left out.
+
+    Raises:
+      TypeError / ValueError at wrap time for a bad argument or an epoch-level step;
+      :class:`JitError` at the first call for a graph break under ``fullgraph=True``.
+
+    >>> import torch, trainkit as tk
+    >>> from trainkit.demo import CNN, train_step
+    >>> state = tk.TrainState.create(CNN(width=4, dropout=0.0), tk.optim.adam(1e-3))
+    >>> fast = tk.jit(train_step, backend="aot_eager")  # inductor, the default, compiles in seconds
+    >>> batch = (torch.rand(16, 1, 8, 8), torch.randint(0, 10, (16,)))
+    >>> s1, m1 = fast(state, batch)
+    >>> s2, m2 = train_step(state, batch)
+    >>> tk.testing.assert_trees_close(s1.params, s2.params, rtol=1e-5, atol=1e-6)
+    >>> s1.step, fast.compiles, tk.applied_transforms(fast)
+    (1, 1, ('jit',))
+    """
+    if mode not in _MODES:
+        raise ValueError(f"jit: mode must be one of {list(_MODES)}, got {mode!r}.")
+    for name, v in (("fullgraph", fullgraph), ("donate", donate)):
+        if not isinstance(v, bool):
+            raise TypeError(f"jit: {name} must be True or False, got {v!r}.")
+    if max_recompiles is not None and (not isinstance(max_recompiles, int) or isinstance(max_recompiles, bool) or max_recompiles < 0):
+        raise ValueError(f"jit: max_recompiles must be an int >= 0 or None, got {max_recompiles!r}.")
+    if on_recompile not in ("warn", "raise"):
+        raise ValueError(f'jit: on_recompile must be "warn" or "raise", got {on_recompile!r}.')
+    if not (isinstance(backend, str) or callable(backend)):
+        raise TypeError(f"jit: backend must be a torch.compile backend name or callable, got {type(backend).__name__}.")
+    if (mode not in (None, "default") or options) and backend != "inductor":
+        raise ValueError(f"jit: mode and options are inductor's; they need backend='inductor', got {backend!r}.")
+    if options is not None and not isinstance(options, dict):
+        raise TypeError(f"jit: options must be a dict of inductor options, got {type(options).__name__}.")
+    if options:
+        known = torch._inductor.config.get_config_copy()
+        unknown = sorted(k for k in options if k.replace("-", "_") not in known)
+        if unknown:
+            raise ValueError(f"jit: unknown inductor option(s) {unknown}; see torch._inductor.config (e.g. 'fallback_random').")
+
+    def make(step: Callable[..., Any]) -> JittedStep:
+        if is_epoch_step(step):
+            raise TypeError(
+                "jit: got an epoch-level step (made by tk.epoch_step). jit compiles a batch step: "
+                "jit the batch step, then fold it, e.g. tk.epoch_step(tk.jit(step), eval_step)."
+            )
+        if isinstance(step, JittedStep):
+            raise TypeError("jit: the step is already jitted; wrap it once.")
+        jitted = JittedStep(
+            step,
+            mode=mode,
+            fullgraph=fullgraph,
+            donate=donate,
+            max_recompiles=max_recompiles,
+            on_recompile=on_recompile,
+            backend=backend,
+            dynamic=dynamic,
+            options=options,
+        )
+        return mark(jitted, step, "jit")
+
+    return two_forms(step, "jit", make)
