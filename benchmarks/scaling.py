@@ -13,6 +13,8 @@ state:
 * ``no-overlap``: all buckets all-reduced after backward;
 * ``bare``: the bare step on each rank at the same time, no communication (what two
   processes sharing the machine cost each other);
+* ``ddp``: the reference, torch's ``DistributedDataParallel`` with ``torch.optim.Adam`` in a
+  hand-written loop (DDP's metrics are not averaged across ranks; trainkit's are);
 * ``comm only``: the all-reduce of one gradient-sized buffer, alone: the communication
   cost of a step, with no compute to hide it behind.
 
@@ -70,6 +72,26 @@ def time_steps(step, data: list) -> float:
     return (time.perf_counter() - t0) / len(data)
 
 
+def time_ddp(data: list) -> float:
+    """The reference: torch's DistributedDataParallel and torch.optim.Adam, a hand-written loop."""
+    model = torch.nn.parallel.DistributedDataParallel(make_state().module)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+
+    def one(b: tuple) -> torch.Tensor:
+        opt.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(model(b[0]), b[1])
+        loss.backward()
+        opt.step()
+        return loss
+
+    one(data[0])
+    t0 = time.perf_counter()
+    for b in data:
+        loss = one(b)
+    float(loss)
+    return (time.perf_counter() - t0) / len(data)
+
+
 def time_comm(numel: int, steps: int) -> float:
     buf = torch.zeros(numel)
     torch.distributed.all_reduce(buf)
@@ -90,6 +112,8 @@ def worker(args: argparse.Namespace) -> None:
         "bare": lambda: time_steps(train_step, data),
         "overlap": lambda: time_steps(tk.distributed(train_step), data),
         "no-overlap": lambda: time_steps(tk.distributed(train_step, overlap=False), data),
+        "no-metrics": lambda: time_steps(tk.distributed(train_step, reduce_metrics=False), data),
+        "ddp": lambda: time_ddp(data),
         "comm only": lambda: time_comm(numel, args.steps),
     }
     times: dict[str, list[float]] = {k: [] for k in contenders}
@@ -145,10 +169,12 @@ def main() -> None:
         ("2 ranks: bare step each, no communication", 2, two["bare"]),
         ("2 ranks: tk.distributed, overlap", 2, two["overlap"]),
         ("2 ranks: tk.distributed, no overlap", 2, two["no-overlap"]),
+        ("2 ranks: tk.distributed, reduce_metrics=False", 2, two["no-metrics"]),
+        ("2 ranks: torch DDP + torch.optim (reference)", 2, two["ddp"]),
     ]
-    print(f"{'':42s} {'ms/step':>8s} {'steps/s':>8s} {'rows/s':>8s} {'vs 1 rank':>9s}")
+    print(f"{'':46s} {'ms/step':>8s} {'steps/s':>8s} {'rows/s':>8s} {'vs 1 rank':>9s}")
     for name, world, t in rows:
-        print(f"{name:42s} {t * 1e3:8.2f} {1 / t:8.1f} {world * args.batch / t:8.0f} {world * base / t:8.2f}x")
+        print(f"{name:46s} {t * 1e3:8.2f} {1 / t:8.1f} {world * args.batch / t:8.0f} {world * base / t:8.2f}x")
     print(f"\ncommunication per step, 2 ranks: all-reduce of {numel * 4 / 2**20:.1f} MB alone: {two['comm only'] * 1e3:.2f} ms; "
           f"a 2-rank step costs {(two['overlap'] - two['bare']) * 1e3:+.2f} ms with overlap, "
           f"{(two['no-overlap'] - two['bare']) * 1e3:+.2f} ms without, over the same ranks' bare step")

@@ -568,7 +568,13 @@ def reduce_means(sums: Mapping[str, Any], count: int) -> dict[str, float]:
         gathered = [local]
     else:
         gathered = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, local)
+        try:
+            dist.all_gather_object(gathered, local)
+        except RuntimeError as e:
+            raise DistributedError(
+                f"distributed: gathering the epoch metrics failed on rank {dist.get_rank()} of {dist.get_world_size()}: "
+                f"a peer rank has died, hangs, or ran a different number of epochs. [{type(e).__name__}: {str(e)[:300]}]"
+            ) from e
     total = sum(c for _, c in gathered)
     keys: dict[str, None] = {}
     for s, _ in gathered:

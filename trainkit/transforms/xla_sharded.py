@@ -146,7 +146,7 @@ def xla_sharded(
         param_shapes: set[tuple[int, ...]] = set()
 
         def annotate(t: Tensor, spec: tuple[Any, ...]) -> None:
-            if torch_xla._XLAC._get_xla_sharding_spec(t) == "":
+            if t.dim() and torch_xla._XLAC._get_xla_sharding_spec(t) == "":
                 xs.mark_sharding(t, the_mesh, spec)
 
         def to_device(tensors: list[Tensor], specs: list[tuple[Any, ...]]) -> list[Tensor]:
@@ -161,7 +161,7 @@ def xla_sharded(
                 annotate(t, spec)
             return out
 
-        def spec_of(t: Tensor, state: TrainState) -> tuple[Any, ...]:
+        def spec_of(t: Tensor) -> tuple[Any, ...]:
             return _spec(t.shape, the_mesh, data_axis, fsdp and tuple(t.shape) in param_shapes)
 
         def place_state(state: TrainState) -> TrainState:
@@ -169,7 +169,7 @@ def xla_sharded(
             leaves, spec = pytree.tree_flatten((state.params, state.buffers, state.opt_state, state.slots))
             cpu = [i for i, t in enumerate(leaves) if isinstance(t, Tensor) and t.device.type != "xla"]
             if cpu:
-                moved = to_device([leaves[i] for i in cpu], [spec_of(leaves[i], state) for i in cpu])
+                moved = to_device([leaves[i] for i in cpu], [spec_of(leaves[i]) for i in cpu])
                 for i, t in zip(cpu, moved):
                     leaves[i] = t.requires_grad_(leaves[i].requires_grad)
                 params, buffers, opt_state, slots = pytree.tree_unflatten(leaves, spec)
@@ -182,7 +182,7 @@ def xla_sharded(
             # compiled graph does not depend on what the previous execution left unsaid.
             for t in pytree.tree_leaves((state.params, state.buffers, state.opt_state)):
                 if isinstance(t, Tensor):
-                    annotate(t, spec_of(t, state))
+                    annotate(t, spec_of(t))
 
         def place_batch(batch: Any) -> Any:
             leaves, spec = pytree.tree_flatten(batch)
