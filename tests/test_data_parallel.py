@@ -230,6 +230,8 @@ def test_rejects_epoch_steps_and_nesting():
         tk.data_parallel(tk.data_parallel(train_step, devices=["cpu"] * 2), devices=["cpu"] * 2)
     with pytest.raises(TypeError, match="step function"):
         tk.data_parallel(3)
+    with pytest.raises(ValueError, match="compiled by tk.jit"):
+        tk.data_parallel(tk.transforms.mark(lambda s, b: (s, {}), train_step, "jit"), devices=["cpu"] * 2)
 
 
 def test_state_on_another_device_than_the_primary():

@@ -302,6 +302,8 @@ def test_rejects_epoch_steps_other_parallel_transforms_and_foreign_groups():
         tk.data_parallel(_marked_distributed(), devices=["cpu"])
     with pytest.raises(TypeError, match="ProcessGroup"):
         tk.distributed(W.train_step, process_group="world")
+    with pytest.raises(ValueError, match="compiled by tk.jit"):
+        tk.distributed(tk.transforms.mark(lambda s, b: (s, {}), W.train_step, "jit"))
 
 
 def _marked_distributed():

@@ -178,4 +178,6 @@ def test_bad_arguments():
         tk.xla_sharded(tk.epoch_step(train_step))
     with pytest.raises(ValueError, match="already wrapped by xla_sharded"):
         tk.xla_sharded(tk.xla_sharded(train_step))
+    with pytest.raises(ValueError, match="compiled by tk.jit"):
+        tk.xla_sharded(tk.transforms.mark(lambda s, b: (s, {}), train_step, "jit"))
     assert copy.copy(tk.applied_transforms(tk.xla_sharded(train_step))) == ("xla_sharded",)

@@ -408,6 +408,12 @@ def data_parallel(step: Callable[..., Any] | None = None, *, devices: DeviceSpec
                 f"data_parallel: the step is already wrapped by {clash[0]}; use one parallel transform "
                 "(data_parallel on the devices of one process, distributed across processes, xla_sharded on XLA)."
             )
+        if "jit" in applied_transforms(inner):
+            raise ValueError(
+                "data_parallel: the step is compiled by tk.jit, but the replicas meet inside value_and_grad "
+                "(threads averaging their gradients), which a compiled graph cannot hold. Use data_parallel "
+                "without tk.jit, or tk.jit on one device."
+            )
         replicas = _Replicas(len(devs))
 
         def data_parallel_step(state: TrainState, batch: Any) -> tuple[TrainState, dict[str, Any]]:

@@ -445,6 +445,12 @@ def distributed(
                 f"distributed: the step is already wrapped by {clash[0]}; use one parallel transform "
                 "(distributed across processes; data_parallel on the devices of one process; xla_sharded on XLA)."
             )
+        if "jit" in applied_transforms(inner):
+            raise ValueError(
+                "distributed: the step is compiled by tk.jit, but the gradient all-reduce runs asynchronously "
+                "during backward, which torch.compile cannot trace (async collectives). Use tk.distributed "
+                "without tk.jit."
+            )
         comm = _make_comm(process_group, backend, seconds)
         layouts: dict = {}
         checked = [False]

@@ -131,6 +131,11 @@ def xla_sharded(
         clash = [t for t in applied_transforms(inner) if t in _EXCLUSIVE]
         if clash:
             raise ValueError(f"xla_sharded: the step is already wrapped by {clash[0]}; use one parallel transform.")
+        if "jit" in applied_transforms(inner):
+            raise ValueError(
+                "xla_sharded: the step is compiled by tk.jit (torch.compile for CPU/CUDA); xla_sharded already "
+                "traces and compiles the whole step with XLA. Drop tk.jit."
+            )
         if not xr.is_spmd():
             xr.use_spmd()  # process-wide, and before any XLA tensor exists
         the_mesh = mesh
