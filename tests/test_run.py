@@ -170,3 +170,15 @@ def test_resume_latest_without_checkpoints_starts_afresh_and_keeps_caller_state(
     assert new.step == 8 and [p.name for p in ck.checkpoints()] == ["step-000000004.pt", "step-000000008.pt"]
     again, history2 = tk.fit(_linear_step, state, _data(), epochs=3, checkpoint=ck, resume="latest", progress=False)
     assert again.step == 12 and [h["epoch"] for h in history2] == [1, 2, 3] and history2[:2] == history
+
+
+def test_resume_after_max_steps_cut_an_epoch_continues_that_epoch(tmp_path):
+    data = _data(4)
+    full, full_history = tk.fit(_linear_step, _state(), data, epochs=3, progress=False)
+    ck = tk.Checkpointer(tmp_path)
+    cut, cut_history = tk.fit(_linear_step, _state(), data, epochs=3, max_steps=6, checkpoint=ck, progress=False)
+    assert cut.step == 6 and [h["epoch"] for h in cut_history] == [1, 2]
+    resumed, history = tk.fit(_linear_step, _state(), data, epochs=3, checkpoint=ck, resume="latest", progress=False)
+    assert resumed.step == 12 and [h["epoch"] for h in history] == [1, 2, 3]
+    tk.testing.assert_trees_equal(resumed.params, full.params)
+    assert history[0] == full_history[0]

@@ -328,7 +328,7 @@ def fit(
             while (epochs is None or epoch < epochs) and not stopped:
                 if max_steps is not None and state.step >= max_steps:
                     break
-                position = {"batch": skip}
+                position = {"batch": skip, "cut": False}  # cut: max_steps ended this epoch part-way
 
                 def on_step(s: TrainState, metrics: Mapping[str, Any], n: int) -> bool:
                     nonlocal stopped
@@ -353,6 +353,7 @@ def fit(
                     if should_stop(s):
                         stopped = True
                     if max_steps is not None and gstep >= max_steps:
+                        position["cut"] = True
                         return True
                     return stopped
 
@@ -365,8 +366,10 @@ def fit(
                     torch.manual_seed(_derive_seed(state.rng, -1 - epoch))
                     state, metrics = _check_step_output(epoch_fn(state, data), "epoch step")
                 skip = 0
-                epoch += 1
-                row = {"epoch": epoch, "step": state.step, **_to_floats(metrics)}
+                partial = position["cut"] and position["batch"] != steps_per_epoch
+                if not partial:
+                    epoch += 1
+                row = {"epoch": epoch + partial, "step": state.step, **_to_floats(metrics)}
                 if check_finite:  # a NaN anywhere in the epoch shows in its means
                     _check_finite(row, state.step, epoch=epoch)
                 history.append(row)
@@ -374,7 +377,10 @@ def fit(
                     logger.log_metrics({f"epoch/{k}": v for k, v in row.items() if k not in ("step",)}, state.step)
                 if bar is not None:
                     bar.set_postfix({k: f"{v:.4g}" for k, v in row.items() if k.startswith("val_")} or None, refresh=True)
-                if checkpoint is not None and main and checkpoint.due_epoch(epoch):
+                if checkpoint is not None and main and partial:
+                    # resume continues this epoch where max_steps cut it; its row is redone then
+                    checkpoint.save(state, meta={"epoch": epoch, "batch": position["batch"], "history": history[:-1]})
+                elif checkpoint is not None and main and checkpoint.due_epoch(epoch):
                     checkpoint.save(state, meta={"epoch": epoch, "batch": 0, "history": history})
                 stopped = stopped or should_stop(state)
     finally:
