@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import re
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -146,3 +151,43 @@ def test_cuda_steps_are_timed_with_events():
     batch = tuple(b.to("cuda") for b in BATCH)
     t = time_step(train_step, state, batch, warmup=3, iters=10)
     assert t.device.startswith("cuda") and len(t.times) == 10 and t.median > 0
+
+
+# --------------------------------------------------------------------------- the benchmark scripts run
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_script(args, tmp_path):
+    out = subprocess.run(
+        [sys.executable, *args, "--smoke", "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return out.stdout
+
+
+@pytest.mark.slow
+def test_the_cpu_suite_runs_and_writes_a_table_and_a_chart(tmp_path):
+    stdout = run_script(["benchmarks/suite.py"], tmp_path)
+    md = (tmp_path / "cpu.md").read_text()
+    for contender in ("hand", "trainkit eager", "trainkit jit", "trainkit bf16"):
+        assert f"| {contender} |" in md
+    assert (tmp_path / "cpu.png").read_bytes()[:4] == b"\x89PNG"
+    # the same work: every contender ends at the hand loop's loss (bf16 within its precision)
+    losses = dict(re.findall(r"^\| ([a-z+ ]+?) \|(?:[^|]*\|){4} ([0-9.]+) \|", md, re.M))
+    assert {k for k in losses} >= {"hand", "trainkit eager", "trainkit jit"}
+    assert all(abs(float(v) - float(losses["hand"])) < (1e-2 if "bf16" in k else 1e-4) for k, v in losses.items()), losses
+    assert "goal >= 0.95x" in stdout
+
+
+@pytest.mark.slow
+def test_the_gpu_script_runs_its_cpu_parts(tmp_path):
+    # No GPU here: --smoke runs the same code on the CPU at tiny sizes; contenders whose libraries are
+    # missing (JAX, torchvision beside this torch) are recorded as failed and the others still run.
+    run_script(["benchmarks/gpu.py"], tmp_path)
+    md = (tmp_path / "gpu.md").read_text()
+    assert "Smoke run" in md
+    for contender in ("hand", "hand fused", "trainkit eager", "trainkit jit"):
+        assert re.search(rf"^\| {contender} \| [0-9.]+ \|", md, re.M), md
+    data = json.loads((tmp_path / "gpu.json").read_text())
+    assert data["meta"]["smoke"] is True and data["results"]

@@ -62,8 +62,11 @@ def assert_states_close(a: tk.TrainState, b: tk.TrainState) -> None:
 
 @pytest.fixture(scope="module")
 def jitted() -> JittedStep:
-    """One inductor-compiled step (MLP with BatchNorm, Adam with a schedule), shared by the tests below."""
-    return tk.jit(train_step)
+    """One inductor-compiled step (MLP with BatchNorm, Adam with a schedule), shared by the tests below; compiled here."""
+    step = tk.jit(train_step)
+    step(make_state(), batches(1)[0])
+    assert step.compiles == 1
+    return step
 
 
 # --------------------------------------------------------------------------- inductor: equivalence
@@ -384,3 +387,52 @@ def test_the_rng_is_seeded_only_for_graphs_that_draw_random_numbers():
         _, m1 = j(state, batches(1)[0])
         _, m2 = j(state, batches(1)[0])  # the second call runs the cached graph, seeded before the call
         assert j._draws_random is True and torch.equal(m1["loss"], m2["loss"])
+
+
+def test_epoch_level_transforms_wrap_the_fold_of_a_jitted_step():
+    jitted_step = tk.jit(train_step, backend="aot_eager")
+
+    def eval_step(state, batch):
+        x, y = batch
+        return {"loss": F.cross_entropy(state.apply(None, x)[0], y)}
+
+    step = tk.early_stop(tk.epoch_step(jitted_step, eval_step), monitor="val_loss", patience=1, min_delta=10.0)
+    state, history = tk.fit(step, make_state(), batches(3), val_loader=batches(1, seed=9), epochs=20, progress=False)
+    assert len(history) == 2 and tk.should_stop(state)  # no improvement of 10 after the first epoch: stop at the second
+    assert jitted_step.compiles == 1
+
+
+@pytest.mark.slow
+def test_find_lr_sweeps_a_jitted_step_without_recompiling(jitted):
+    # the LR changes every step of the sweep: it is a graph input, not a constant
+    compiles = jitted.compiles
+    result = tk.find_lr(jitted, make_state(), batches(16, seed=10), min_lr=1e-5, max_lr=1.0, num_steps=12)
+    assert len(result.lrs) == 12 and result.lrs[0] == pytest.approx(1e-5) and result.lrs[-1] == pytest.approx(1.0)
+    assert jitted.compiles == compiles, jitted.recompile_reasons
+
+
+@pytest.mark.parametrize("name", ["lr_range_test", "early_stop", "data_parallel"])
+def test_transforms_that_cannot_be_inside_one_graph_are_rejected_at_wrap_time(name):
+    inner = {
+        "lr_range_test": lambda: tk.lr_range_test(train_step, num_steps=5),
+        "early_stop": lambda: tk.early_stop(train_step, monitor="loss"),
+        "data_parallel": lambda: tk.data_parallel(train_step, devices=["cpu", "cpu"]),
+    }[name]()
+    with pytest.raises(ValueError, match=rf"wrapped by {name}, which cannot run inside one compiled graph"):
+        tk.jit(inner)
+
+
+def test_data_parallel_around_jit_is_a_clear_error_not_a_deadlock():
+    # Either side may say it first (data_parallel checks at wrap time, jit at call time); what
+    # must not happen is two replica threads waiting for each other inside a compile.
+    with pytest.raises((ValueError, JitError), match=r"(?i)data_parallel.*without (tk\.)?jit"):
+        step = tk.data_parallel(tk.jit(train_step, backend="eager"), devices=["cpu", "cpu"])
+        step(make_state(), batches(1)[0])
+
+
+def test_a_jitted_step_hidden_from_data_parallel_still_fails_clearly():
+    jitted_step = tk.jit(train_step, backend="eager")
+    step = tk.data_parallel(lambda state, batch: jitted_step(state, batch), devices=["cpu", "cpu"])  # no marks to see
+    with pytest.raises(Exception, match="runs under data_parallel, which cannot be inside one compiled graph"):
+        step(make_state(), batches(1)[0])
+    assert jitted_step.compiles == 0  # refused before any trace

@@ -15,18 +15,31 @@ between them. What trainkit adds on top of ``torch.compile``:
   :func:`trainkit.testing.check_step`. ``donate=False`` never updates in place.
 * **Determinism.** The RNG (dropout) is seeded outside the graph from
   ``(state.rng, state.step)``, as the eager step seeds it, so a jitted step gives
-  the same result twice. The masks differ from the eager step's (inductor draws
-  its random numbers its own way); everything else agrees to float rounding.
+  the same result twice (graphs that draw no random numbers skip the seeding). The
+  masks differ from the eager step's (inductor draws its random numbers its own
+  way) unless ``options={"fallback_random": True}``; everything else agrees to
+  float rounding.
+* **The LR is an input.** The optimizer's LR (a Python float in the state) enters
+  the graph as a 0-d tensor, so schedules and ``find_lr`` do not recompile.
 * **A recompile guard**, like chex's ``assert_max_traces``: past ``max_recompiles``
   recompiles it warns (or raises, ``on_recompile="raise"``) with dynamo's reason.
 * **Errors that say what to fix.** Under ``fullgraph=True`` a graph break raises
   :class:`JitError` naming what broke (``.item()``, a Python ``if`` on a tensor, a
   ``print``) and how to fix it.
 
-Where it stands in a composition: outermost among the batch-level transforms,
-``tk.compose(tk.jit(), tk.mixed_precision(dtype=torch.bfloat16))(step)``, so the
-transforms inside are compiled with the step. Epoch-level transforms
-(``early_stop``) wrap the epoch fold of a jitted step as usual.
+Where it stands in a composition: outermost among the batch-level transforms that
+compile, ``tk.compose(tk.jit(), tk.mixed_precision(dtype=torch.bfloat16))(step)``, so
+the transforms inside are compiled with the step (mixed_precision outside jit works
+too: the graph is traced under its autocast). Transforms that read values on the host
+stand outside: ``tk.find_lr(tk.jit(step), ...)``, ``tk.early_stop(tk.epoch_step(tk.jit(step),
+eval_step), ...)``. float16 loss scaling decides on the host whether to skip a step,
+so it needs ``fullgraph=False``. ``data_parallel``, ``distributed`` and
+``xla_sharded`` do not compose with jit (their gradient exchange, or XLA's own
+compiler, cannot be inside one inductor graph): each order is rejected with a message.
+
+The dynamo settings jit needs (``trace_autograd_ops``, the dynamic ints) are set only
+while dynamo compiles one of its steps, and restored after: other ``torch.compile``
+code in the process is not affected.
 """
 
 from __future__ import annotations
@@ -43,11 +56,22 @@ from torch.utils import _pytree as pytree
 from .. import functional as _functional
 from ..run import is_epoch_step
 from ..state import TrainState, _derive_seed, _traced_module
-from ._base import mark, two_forms
+from ._base import applied_transforms, mark, two_forms
 
 __all__ = ["jit", "JitError", "RecompileWarning", "RecompileError", "JittedStep"]
 
 _MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+# Transforms that cannot stand inside jit, and what to do instead.
+_NOT_INSIDE = {
+    "data_parallel": "its replicas run in threads that wait for each other's gradients. Use data_parallel without jit.",
+    "distributed": "it exchanges gradients with the other processes while backward runs. Use distributed without jit.",
+    "xla_sharded": "XLA traces and compiles the step itself. Use xla_sharded without jit.",
+    "lr_range_test": "it reads the loss on the host every step (to smooth it and stop on divergence). "
+    "Put it outside: tk.lr_range_test(tk.jit(step)), or tk.find_lr(tk.jit(step), state, loader).",
+    "early_stop": "it reads the monitored metric on the host to decide. Put it outside: "
+    "tk.early_stop(tk.epoch_step(tk.jit(step), eval_step), monitor=...).",
+}
 
 
 class JitError(RuntimeError):
@@ -75,7 +99,10 @@ def _fresh_function(name: str) -> Callable[..., Any]:
     # eat into each other's recompile limit, and logs name the step.
     # (Code objects compare by value: the counter keeps dynamo's per-code records apart.)
     label = "".join(c if c.isalnum() else "_" for c in name) + f"_{next(_COUNTER)}"
-    code = _traced.__code__.replace(co_name=f"jit_{label}", co_qualname=f"jit_{label}")
+    names = {"co_name": f"jit_{label}"}
+    if hasattr(_traced.__code__, "co_qualname"):  # Python 3.11+
+        names["co_qualname"] = names["co_name"]
+    code = _traced.__code__.replace(**names)
     return types.FunctionType(code, _traced.__globals__, code.co_name)
 
 
@@ -180,6 +207,17 @@ def _draws_random(gm: torch.fx.GraphModule) -> bool:
     return False
 
 
+def _check_outer(hooks: tuple[Any, ...], state: TrainState) -> None:
+    # A scale-out transform around jit waits inside its gradient hook for the other
+    # replicas: traced into a graph, that would fail, or deadlock on the compile lock.
+    for h in hooks:
+        name = type(h).__module__.rsplit(".", 1)[-1]
+        if name in ("data_parallel", "distributed"):
+            raise JitError(f"jit: the step runs under {name}, which cannot be inside one compiled graph: {_NOT_INSIDE[name]}")
+    if state.device.type == "xla":
+        raise JitError(f"jit: the state is on an XLA device: {_NOT_INSIDE['xla_sharded']}")
+
+
 class _Backend:
     """The ``torch.compile`` backend of one jitted step: notes whether the graph draws random
     numbers (so calls of a graph that does not skip seeding the RNG), then compiles with
@@ -213,7 +251,7 @@ class _Call:
     def __init__(self, jitted: "JittedStep", state: TrainState) -> None:
         self.jitted, self.state = jitted, state
         self.rng: tuple[Any, ...] | None = None  # saved generator states while seeded
-        self.config: tuple[Any, Any] | None = None  # saved dynamo config while compiling
+        self.config: list[tuple[Any, str, Any]] | None = None  # saved dynamo config while compiling
         self.compiled = False
 
     def seed(self) -> None:
@@ -251,9 +289,14 @@ def _on_compile_start(args: Any) -> None:
     call = _IN_FLIGHT[-1]
     if call.config is None:
         cfg, ccfg = torch._dynamo.config, torch.compiler.config
-        call.config = (cfg.trace_autograd_ops, ccfg.dynamic_sources)
-        cfg.trace_autograd_ops = True
-        ccfg.dynamic_sources = ",".join(s for s in (ccfg.dynamic_sources, _int_sources(call.state)) if s)
+        wanted = [(cfg, "trace_autograd_ops", lambda old: True)]
+        wanted.append((ccfg, "dynamic_sources", lambda old: ",".join(s for s in (old, _int_sources(call.state)) if s)))
+        call.config = []
+        for module, key, value in wanted:
+            if hasattr(module, key):  # (an older torch may lack one: then jit says what broke)
+                old = getattr(module, key)
+                call.config.append((module, key, old))
+                setattr(module, key, value(old))
     call.compiled = True
     if call.rng is None:
         call.seed()  # the new graph may draw: seed before it runs (tracing keeps the RNG as it finds it)
@@ -262,7 +305,8 @@ def _on_compile_start(args: Any) -> None:
 def _on_compile_end(args: Any) -> None:
     if _IN_FLIGHT and _IN_FLIGHT[-1].config is not None:
         call = _IN_FLIGHT[-1]
-        torch._dynamo.config.trace_autograd_ops, torch.compiler.config.dynamic_sources = call.config
+        for module, key, old in call.config:
+            setattr(module, key, old)
         call.config = None
 
 
@@ -315,6 +359,8 @@ class JittedStep:
         if not isinstance(state, TrainState):
             raise TypeError(f"jit: the step's first argument must be a TrainState, got {type(state).__name__}.")
         ctx = _functional._CTX.get()
+        if ctx.hooks or state.device.type == "xla":
+            _check_outer(ctx.hooks, state)
         if not (self.donate and ctx.donate):
             # The same graph as the donated step, run on a copy: the caller's state is untouched.
             state = state.clone()
@@ -459,6 +505,9 @@ def jit(
             )
         if isinstance(step, JittedStep):
             raise TypeError("jit: the step is already jitted; wrap it once.")
+        for name in applied_transforms(step):
+            if name in _NOT_INSIDE:
+                raise ValueError(f"jit: the step is wrapped by {name}, which cannot run inside one compiled graph: {_NOT_INSIDE[name]}")
         jitted = JittedStep(
             step,
             mode=mode,
