@@ -40,6 +40,7 @@ test-xla: xla-venv
 bench: venv
 	$(PY) benchmarks/overhead.py
 	$(PY) benchmarks/scaling.py
+	$(PY) benchmarks/suite.py
 
 clean:
 	rm -rf $(VENV) $(XLA_VENV) runs .pytest_cache
