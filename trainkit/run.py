@@ -220,7 +220,10 @@ def _is_main_process() -> bool:
 def _interactive() -> bool:
     if sys.stderr is not None and hasattr(sys.stderr, "isatty") and sys.stderr.isatty():
         return True
-    return "ipykernel" in sys.modules  # a notebook: stderr is no tty but is shown
+    # A notebook: stderr is no tty, but what it prints is shown under the cell.
+    ipython = sys.modules.get("IPython")
+    shell = ipython.get_ipython() if ipython is not None and hasattr(ipython, "get_ipython") else None
+    return type(shell).__name__ == "ZMQInteractiveShell"
 
 
 def fit(
