@@ -52,14 +52,13 @@ from torch import Tensor, nn
 from torch.utils import _pytree as pytree
 
 from .. import functional as _functional
-from ..run import _check_step_output, is_epoch_step
+from ..run import _check_step_output
 from ..state import TrainState, _derive_seed
-from ._base import applied_transforms, mark, two_forms
+from ._base import check_parallel_target, mark, two_forms
 
 __all__ = ["data_parallel"]
 
 DeviceSpec = Union[None, int, Sequence[Union[str, torch.device]]]
-_EXCLUSIVE = ("data_parallel", "distributed", "xla_sharded")
 
 
 def _resolve_devices(devices: DeviceSpec) -> list[torch.device]:
@@ -397,23 +396,12 @@ def data_parallel(step: Callable[..., Any] | None = None, *, devices: DeviceSpec
     devs = _resolve_devices(devices)
 
     def make(inner: Callable[..., Any]) -> Callable[..., Any]:
-        if is_epoch_step(inner):
-            raise TypeError(
-                "data_parallel wraps a batch step (state, batch) -> (state, metrics), got an epoch step. "
-                "Apply it first: tk.epoch_step(tk.data_parallel(train_step), eval_step)."
-            )
-        clash = [t for t in applied_transforms(inner) if t in _EXCLUSIVE]
-        if clash:
-            raise ValueError(
-                f"data_parallel: the step is already wrapped by {clash[0]}; use one parallel transform "
-                "(data_parallel on the devices of one process, distributed across processes, xla_sharded on XLA)."
-            )
-        if "jit" in applied_transforms(inner):
-            raise ValueError(
-                "data_parallel: the step is compiled by tk.jit, but the replicas meet inside value_and_grad "
-                "(threads averaging their gradients), which a compiled graph cannot hold. Use data_parallel "
-                "without tk.jit, or tk.jit on one device."
-            )
+        check_parallel_target(
+            "data_parallel",
+            inner,
+            "the replicas meet inside value_and_grad (threads averaging their gradients), which a compiled "
+            "graph cannot hold. Use data_parallel without tk.jit, or tk.jit on one device."
+        )
         replicas = _Replicas(len(devs))
 
         def data_parallel_step(state: TrainState, batch: Any) -> tuple[TrainState, dict[str, Any]]:

@@ -49,13 +49,12 @@ import torch
 from torch import Tensor
 
 from .. import functional as _functional
-from ..run import _check_step_output, batch_size, is_epoch_step
+from ..run import _check_step_output, batch_size
 from ..state import TrainState
-from ._base import applied_transforms, mark, two_forms
+from ._base import check_parallel_target, mark, two_forms
 
 __all__ = ["distributed", "DistributedError", "local_device", "shard_loader", "reduce_means"]
 
-_EXCLUSIVE = ("data_parallel", "distributed", "xla_sharded")
 _TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
@@ -434,23 +433,12 @@ def distributed(
     cap_bytes = max(1, int(bucket_cap_mb * (1 << 20)))
 
     def make(inner: Callable[..., Any]) -> Callable[..., Any]:
-        if is_epoch_step(inner):
-            raise TypeError(
-                "distributed wraps a batch step (state, batch) -> (state, metrics), got an epoch step. "
-                "Apply it first: tk.epoch_step(tk.distributed(train_step), eval_step)."
-            )
-        clash = [t for t in applied_transforms(inner) if t in _EXCLUSIVE]
-        if clash:
-            raise ValueError(
-                f"distributed: the step is already wrapped by {clash[0]}; use one parallel transform "
-                "(distributed across processes; data_parallel on the devices of one process; xla_sharded on XLA)."
-            )
-        if "jit" in applied_transforms(inner):
-            raise ValueError(
-                "distributed: the step is compiled by tk.jit, but the gradient all-reduce runs asynchronously "
-                "during backward, which torch.compile cannot trace (async collectives). Use tk.distributed "
-                "without tk.jit."
-            )
+        check_parallel_target(
+            "distributed",
+            inner,
+            "the gradient all-reduce runs asynchronously during backward, which torch.compile cannot trace "
+            "(async collectives). Use tk.distributed without tk.jit."
+        )
         comm = _make_comm(process_group, backend, seconds)
         layouts: dict = {}
         checked = [False]

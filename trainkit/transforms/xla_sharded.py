@@ -29,13 +29,12 @@ import torch
 from torch import Tensor
 from torch.utils import _pytree as pytree
 
-from ..run import _check_step_output, is_epoch_step
+from ..run import _check_step_output
 from ..state import TrainState, _derive_seed
-from ._base import applied_transforms, mark, two_forms
+from ._base import check_parallel_target, mark, two_forms
 
 __all__ = ["xla_sharded"]
 
-_EXCLUSIVE = ("data_parallel", "distributed", "xla_sharded")
 _MODES = ("replicated", "fsdp")
 _INSTALL = (
     "xla_sharded needs torch_xla, which is not installed here. Install it in its own environment: "
@@ -123,19 +122,12 @@ def xla_sharded(
         )
 
     def make(inner: Callable[..., Any]) -> Callable[..., Any]:
-        if is_epoch_step(inner):
-            raise TypeError(
-                "xla_sharded wraps a batch step (state, batch) -> (state, metrics), got an epoch step. "
-                "Apply it first: tk.epoch_step(tk.xla_sharded(train_step), eval_step)."
-            )
-        clash = [t for t in applied_transforms(inner) if t in _EXCLUSIVE]
-        if clash:
-            raise ValueError(f"xla_sharded: the step is already wrapped by {clash[0]}; use one parallel transform.")
-        if "jit" in applied_transforms(inner):
-            raise ValueError(
-                "xla_sharded: the step is compiled by tk.jit (torch.compile for CPU/CUDA); xla_sharded already "
-                "traces and compiles the whole step with XLA. Drop tk.jit."
-            )
+        check_parallel_target(
+            "xla_sharded",
+            inner,
+            "xla_sharded already traces and compiles the whole step with XLA (tk.jit is torch.compile for "
+            "CPU/CUDA). Drop tk.jit."
+        )
         if not xr.is_spmd():
             xr.use_spmd()  # process-wide, and before any XLA tensor exists
         the_mesh = mesh
