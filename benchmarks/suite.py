@@ -89,8 +89,22 @@ WORKLOADS = {
 
 
 def make_batches(w: Workload, n: int, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``n`` batches of a learnable task: the labels are a fixed random network's argmax (a teacher of
+    the same architecture, so every contender can learn it).
+
+    (Random labels would be memorised: the held-out loss would then grow without bound, chaotically,
+    and the runs' final losses would say nothing about whether they did the same work.)
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(1234)
+        teacher = w.make()
     g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(w.batch_size, *w.input_shape, generator=g), torch.randint(0, 10, (w.batch_size,), generator=g)) for _ in range(n)]
+    out = []
+    with torch.no_grad():
+        for _ in range(n):
+            x = torch.randn(w.batch_size, *w.input_shape, generator=g)
+            out.append((x, teacher(x).argmax(1)))
+    return out
 
 
 # --------------------------------------------------------------------------- contenders
@@ -245,7 +259,7 @@ class Result:
 def run_workload(w: Workload, *, rounds: int, steps: int, warmup: int, jit_backend: str, lightning: bool, seed: int = 0) -> Result:
     torch.manual_seed(seed)
     model = w.make()
-    batches = make_batches(w, 16, seed)
+    batches = make_batches(w, 32, seed)
     held_out = make_batches(w, 1, seed + 1)[0]
     runners = contenders(w, model, batches, jit_backend=jit_backend, lightning=lightning)
     names = list(runners)
@@ -277,6 +291,9 @@ def run_workload(w: Workload, *, rounds: int, steps: int, warmup: int, jit_backe
 # --------------------------------------------------------------------------- reports
 
 
+_ENV_NOTED = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "OMP_NUM_THREADS")  # they change the timings
+
+
 def environment(lightning_version: str | None) -> str:
     cpu = platform.processor() or platform.machine()
     try:
@@ -288,6 +305,7 @@ def environment(lightning_version: str | None) -> str:
         f"{dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC; {cpu}, {os.cpu_count()} cores, "
         f"torch {torch.__version__} ({torch.get_num_threads()} threads), trainkit {tk.__version__}, "
         f"Python {platform.python_version()}; Lightning {lightning_version or 'not installed'}"
+        + "".join(f"; {k}={os.environ[k]}" for k in _ENV_NOTED if k in os.environ)
     )
 
 
@@ -351,10 +369,13 @@ def main(argv: list[str] | None = None) -> list[Result]:
     p.add_argument("--warmup", type=int, default=20, help="untimed steps first, for every contender (jit compiles here)")
     p.add_argument("--out", type=Path, default=HERE / "results", help="folder for cpu.md and cpu.png")
     p.add_argument("--no-lightning", action="store_true", help="leave Lightning out even when installed")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--smoke", action="store_true", help="the tiny MLP, 2 rounds of 5 steps, jit on aot_eager: a check, not a measurement")
     args = p.parse_args(argv)
 
     jit_backend = "inductor"
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.smoke:
         args.workloads, args.rounds, args.steps, args.warmup, jit_backend = ["mlp-32-64-10"], 2, 5, 2, "aot_eager"
     pl_version = None if args.no_lightning else lightning_available()

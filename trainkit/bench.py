@@ -285,8 +285,9 @@ class Comparison(Mapping[str, StepTiming]):
         lo = [r - 1 / self._t[k].q3 for k, r in zip(names, rates)]
         hi = [1 / self._t[k].q1 - r for k, r in zip(names, rates)]
         bars = ax.barh(names, rates, xerr=[lo, hi], color="#4c72b0", capsize=3)
-        for bar, k in zip(bars, names):
-            ax.text(bar.get_width(), bar.get_y() + bar.get_height() / 2, f"  {self.speedups()[k]:.2f}x", va="center")
+        speed = self.speedups()
+        for bar, k, up in zip(bars, names, hi):  # the label after the error bar
+            ax.text(bar.get_width() + up, bar.get_y() + bar.get_height() / 2, f" {speed[k]:.2f}x", va="center")
         ax.set_xlabel("steps/s (median; bars: IQR)")
         ax.set_title(title or f"speed vs {self.reference} on {self._t[self.reference].device}")
         ax.margins(x=0.15)
