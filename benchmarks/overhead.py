@@ -97,10 +97,11 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--threads", type=int, default=1, help="torch threads (both contenders get the same)")
     args = p.parse_args()
-    torch.set_num_threads(1)  # two contenders, no thread-pool noise; both get the same
-    print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, 1 thread, "
-          f"{args.rounds} interleaved rounds of {args.steps} steps; ratio = trainkit / hand (higher is better)")
+    torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
+          f"{args.threads} thread(s), {args.rounds} interleaved rounds of {args.steps} steps; ratio = trainkit / hand (higher is better)")
     bench("32-64-10 b64", (32, 64, 10), 64, args.steps, args.rounds)
     bench("784-512-512-10 b128", (784, 512, 512, 10), 128, max(30, args.steps // 10), args.rounds)
 

@@ -31,6 +31,7 @@ range test does this), and :func:`get_lr` reads it.
 from __future__ import annotations
 
 import math
+import threading
 from typing import Any, Callable, NamedTuple, Union
 
 import torch
@@ -186,6 +187,22 @@ def _adam(lr: ScalarOrSchedule, b1: float, b2: float, eps: float, weight_decay: 
             "nu": [torch.zeros_like(p, memory_format=torch.preserve_format) for p in params],
         }
 
+    local = threading.local()
+
+    def _workspace(like: list[Tensor]) -> list[Tensor]:
+        # Memory for the denominator, reused across steps (per thread): it is overwritten
+        # every step, so it is no state. Allocating ~params-sized temporaries each step made
+        # glibc return them to the OS and page-fault them back in: 0.87x of torch.optim on a
+        # 784-512-512-10 MLP with 2 threads.
+        if torch.compiler.is_compiling():
+            return [torch.empty_like(t) for t in like]
+        ws = getattr(local, "ws", None)
+        if ws is None or len(ws) != len(like) or any(
+            a.shape != b.shape or a.dtype != b.dtype or a.device != b.device for a, b in zip(ws, like)
+        ):
+            ws = local.ws = [torch.empty_like(t) for t in like]
+        return ws
+
     def moments(grads: list[Tensor], state: dict, params: list[Tensor]) -> tuple[list[Tensor], list[Tensor], float]:
         # Updates the moments in place; returns (mu, denom, step_size) as torch.optim.Adam computes them.
         lr, t = state["lr"], state["count"] + 1
@@ -195,7 +212,9 @@ def _adam(lr: ScalarOrSchedule, b1: float, b2: float, eps: float, weight_decay: 
         torch._foreach_lerp_(mu, grads, 1 - b1)
         torch._foreach_mul_(nu, b2)
         torch._foreach_addcmul_(nu, grads, grads, 1 - b2)
-        denom = torch._foreach_sqrt(nu)
+        denom = _workspace(nu)
+        torch._foreach_copy_(denom, nu)
+        torch._foreach_sqrt_(denom)
         torch._foreach_div_(denom, math.sqrt(1 - b2**t))
         torch._foreach_add_(denom, eps)
         return mu, denom, lr / (1 - b1**t)
