@@ -40,7 +40,7 @@ def test_frozen_and_replace():
         s.replace(stepp=1)
 
 
-def test_create_copies_and_never_changes_the_module_tensors():
+def test_create_copies_and_never_changes_the_module():
     model = CNN()
     w = model.head[2].weight
     before = w.detach().clone()
@@ -48,6 +48,9 @@ def test_create_copies_and_never_changes_the_module_tensors():
     assert state.params["head.2.weight"] is not w
     state, _ = tk.fit(train_step, state, [_batch()] * 3, epochs=1, progress=False)
     assert torch.equal(w.detach(), before)
+    assert model.head[2].weight is w and isinstance(model.head[2].weight, nn.Parameter)  # not rebound either
+    again = tk.TrainState.create(model, tk.optim.sgd(0.5))
+    assert torch.equal(again.params["head.2.weight"].detach(), before)
 
 
 def test_train_apply_is_deterministic_per_step_and_differs_across_steps():
@@ -104,7 +107,7 @@ def test_donated_step_updates_in_place_and_equals_pure():
 def test_to_and_clone():
     s = _state()
     c = s.to("cpu")
-    assert c.params["head.2.weight"] is not s.params["head.2.weight"]
+    assert c.params["head.2.weight"].data_ptr() != s.params["head.2.weight"].data_ptr()  # a copy, safe to donate
     assert c.params["head.2.weight"].requires_grad and c.device.type == "cpu"
     tk.testing.assert_trees_equal(s.clone(), s)
     assert "TrainState(step=0" in repr(s)

@@ -28,13 +28,15 @@ def _derive_seed(seed: int, step: int) -> int:
 
 
 class _Binder:
-    """Points a module's parameters and buffers at given tensors, and remembers which.
+    """Points the parameters and buffers of a private copy of a module at given tensors.
 
-    Re-binding only when the tensors change keeps the donated path (same tensors
-    every step) as cheap as calling the module directly.
+    The copy (tensors on the meta device until bound) is what eager steps call, so the
+    user's module is never rebound. Re-binding only when the tensors change keeps the
+    donated path (same tensors every step) as cheap as calling the module directly.
     """
 
-    def __init__(self, module: nn.Module) -> None:
+    def __init__(self, user_module: nn.Module) -> None:
+        self.module = module = _meta_copy(user_module)
         self.slots_p = [_split(module, n) for n, _ in module.named_parameters(remove_duplicate=False)]
         self.slots_b = [_split(module, n) for n, _ in module.named_buffers(remove_duplicate=False)]
         self.names_p = [n for n, _ in module.named_parameters(remove_duplicate=False)]
@@ -42,7 +44,7 @@ class _Binder:
         self.bound: tuple = ()
         self.training: bool | None = None
 
-    def bind(self, module: nn.Module, params: Mapping[str, Tensor], buffers: Mapping[str, Tensor], train: bool) -> None:
+    def bind(self, params: Mapping[str, Tensor], buffers: Mapping[str, Tensor], train: bool) -> nn.Module:
         p = [params[n] for n in self.names_p]
         b = [buffers[n] for n in self.names_b]
         key = (*p, *b)
@@ -53,8 +55,9 @@ class _Binder:
                 mod._buffers[attr] = t
             self.bound = key
         if self.training is not train:
-            module.train(train)
+            self.module.train(train)
             self.training = train
+        return self.module
 
 
 def _split(module: nn.Module, name: str) -> tuple[nn.Module, str]:
@@ -108,8 +111,9 @@ class TrainState:
     ) -> "TrainState":
         """Make the initial state of ``module`` trained by ``tx``.
 
-        The params and buffers are copies: training never changes the tensors of
-        the ``module`` you pass, which is from then on used as a function.
+        The params and buffers are copies, and steps call a private copy of the
+        module: training never changes the ``module`` you pass (its tensors nor its
+        attributes), which is from then on used as a function.
 
         >>> import torch, trainkit as tk
         >>> s = tk.TrainState.create(torch.nn.Linear(3, 2), tk.optim.adam(1e-3), dtype=torch.float64)
@@ -185,12 +189,11 @@ class TrainState:
             module = _traced_module(self.module, bool(train))
             out = torch.func.functional_call(module, {**params, **buffers}, args, kwargs, tie_weights=False)
             return out, dict(buffers)
-        binder = _binder(self.module)
-        binder.bind(self.module, params, buffers, train)
+        module = _binder(self.module).bind(params, buffers, train)
         if not train:
-            return self.module(*args, **kwargs), dict(buffers)
+            return module(*args, **kwargs), dict(buffers)
         with _seeded(self.params, _derive_seed(self.rng, self.step)):
-            out = self.module(*args, **kwargs)
+            out = module(*args, **kwargs)
         return out, dict(buffers)
 
     # ------------------------------------------------------------------ the update
@@ -259,8 +262,8 @@ class TrainState:
         return torch.device("cpu")
 
     def to(self, device: torch.device | str) -> "TrainState":
-        """A copy of the state on ``device`` (params, buffers, optimizer state, slots)."""
-        return _map_tensors(self, lambda t: t.to(device))
+        """A copy of the state on ``device`` (params, buffers, optimizer state, slots), new tensors even on the same device."""
+        return _map_tensors(self, lambda t: t.to(device, copy=True))
 
     def clone(self) -> "TrainState":
         """A copy with new tensors: donating the copy leaves ``self`` intact.
@@ -339,13 +342,18 @@ def _traced_module(module: nn.Module, train: bool) -> nn.Module:
     """
     copies = module.__dict__.get("_trainkit_traced")
     if copies is None:
-        memo: dict[int, Any] = {}
-        for t in (*module.parameters(), *module.buffers()):
-            meta = torch.empty_like(t, device="meta")
-            memo[id(t)] = nn.Parameter(meta, t.requires_grad) if isinstance(t, nn.Parameter) else meta
-        copies = tuple(copy.deepcopy(module, dict(memo)).train(mode) for mode in (False, True))
+        copies = tuple(_meta_copy(module).train(mode) for mode in (False, True))
         object.__setattr__(module, "_trainkit_traced", copies)
     return copies[train]
+
+
+def _meta_copy(module: nn.Module) -> nn.Module:
+    """A deep copy of ``module`` whose parameters and buffers are on the meta device (no memory)."""
+    memo: dict[int, Any] = {}
+    for t in (*module.parameters(), *module.buffers()):
+        meta = torch.empty_like(t, device="meta")
+        memo[id(t)] = nn.Parameter(meta, t.requires_grad) if isinstance(t, nn.Parameter) else meta
+    return copy.deepcopy(module, memo)
 
 
 class _seeded:
