@@ -146,3 +146,5 @@ def test_sigkill_mid_epoch_then_resume_is_bit_identical(tmp_path):
     b = tk.load(tmp_path / "resumed.pt", like=like)
     assert a.step == b.step == 40
     tk.testing.assert_trees_equal(b, a)
+    meta = lambda name: torch.load(tmp_path / name, weights_only=True)["meta"]["history"]
+    assert meta("resumed.pt") == meta("full.pt")  # the epoch cut by the kill reports whole-epoch means

@@ -181,4 +181,4 @@ def test_resume_after_max_steps_cut_an_epoch_continues_that_epoch(tmp_path):
     resumed, history = tk.fit(_linear_step, _state(), data, epochs=3, checkpoint=ck, resume="latest", progress=False)
     assert resumed.step == 12 and [h["epoch"] for h in history] == [1, 2, 3]
     tk.testing.assert_trees_equal(resumed.params, full.params)
-    assert history[0] == full_history[0]
+    assert history == full_history  # the cut epoch's means include the batches before the cut

@@ -111,7 +111,9 @@ class EpochData:
 
     ``on_step(state, metrics, n) -> bool`` is called after every train step (the
     runner logs and checkpoints there; ``True`` ends the epoch early). ``skip`` train
-    batches are drawn and dropped first (to resume mid-epoch exactly).
+    batches are drawn and dropped first (to resume mid-epoch exactly). ``train_mean``,
+    when given, is the running mean of the epoch's train metrics: the runner owns it
+    so that a mid-epoch checkpoint holds it and a resumed epoch reports whole-epoch means.
     """
 
     train: Iterable[Any]
@@ -119,6 +121,7 @@ class EpochData:
     epoch: int = 0
     skip: int = 0
     on_step: Callable[[TrainState, Mapping[str, Any], int], bool] | None = field(default=None, repr=False)
+    train_mean: Any = field(default=None, repr=False)
 
 
 def epoch_step(step: StepFn, eval_step: EvalFn | None = None) -> Callable[[TrainState, EpochData], tuple[TrainState, dict[str, Any]]]:
@@ -139,7 +142,7 @@ def epoch_step(step: StepFn, eval_step: EvalFn | None = None) -> Callable[[Train
     """
 
     def run_epoch(state: TrainState, data: EpochData) -> tuple[TrainState, dict[str, Any]]:
-        train = _Mean()
+        train = data.train_mean if data.train_mean is not None else _Mean()
         on_step = data.on_step
         for i, batch in enumerate(data.train):
             if i < data.skip:
@@ -292,7 +295,7 @@ def fit(
 
     history: list[dict[str, float]] = []
     start_epoch, skip = 0, 0
-    path = None
+    path, resumed_mean = None, None
     if resume is not None:
         if checkpoint is None and str(resume) == "latest":
             raise ValueError('fit: resume="latest" needs checkpoint=Checkpointer(directory).')
@@ -303,6 +306,7 @@ def fit(
 
         state, meta = load_run(path, like=state)  # new tensors: nothing of the caller's is donated
         start_epoch, skip, history = meta["epoch"], meta["batch"], list(meta["history"])
+        resumed_mean = meta.get("train_mean")
     else:
         state = state.clone()  # fit donates its own copy; the caller's state stays intact
     if _world_size() > 1:
@@ -332,6 +336,14 @@ def fit(
                 if max_steps is not None and state.step >= max_steps:
                     break
                 position = {"batch": skip, "cut": False}  # cut: max_steps ended this epoch part-way
+                mean = _Mean()
+                if resumed_mean and skip and _world_size() == 1:
+                    # the batches before the resume point count in this epoch's means, as uninterrupted
+                    # (under torch.distributed only rank 0's sums are saved: the resumed epoch's means
+                    # then cover the batches after the resume point)
+                    mean.sums = {k: float(v) for k, v in resumed_mean["sums"].items()}
+                    mean.count = int(resumed_mean["count"])
+                resumed_mean = None
 
                 def on_step(s: TrainState, metrics: Mapping[str, Any], n: int) -> bool:
                     nonlocal stopped
@@ -352,7 +364,7 @@ def fit(
                             if bar is not None:
                                 bar.set_postfix({k: f"{v:.4g}" for k, v in scalars.items()}, refresh=False)
                     if checkpoint is not None and checkpoint.due_step(gstep) and main:
-                        checkpoint.save(s, meta={"epoch": epoch, "batch": position["batch"], "history": history})
+                        checkpoint.save(s, meta={"epoch": epoch, "batch": position["batch"], "history": history, **_running(mean)})
                     if should_stop(s):
                         stopped = True
                     if max_steps is not None and gstep >= max_steps:
@@ -363,7 +375,7 @@ def fit(
                 sampler = getattr(train_loader, "sampler", None)
                 if hasattr(sampler, "set_epoch"):
                     sampler.set_epoch(epoch)
-                data = EpochData(train=train_loader, val=val_loader, epoch=epoch, skip=skip, on_step=on_step)
+                data = EpochData(train=train_loader, val=val_loader, epoch=epoch, skip=skip, on_step=on_step, train_mean=mean)
                 # The shuffle order of this epoch is a function of (state.rng, epoch).
                 with torch.random.fork_rng(devices=[]):
                     torch.manual_seed(_derive_seed(state.rng, -1 - epoch))
@@ -382,7 +394,7 @@ def fit(
                     bar.set_postfix({k: f"{v:.4g}" for k, v in row.items() if k.startswith("val_")} or None, refresh=True)
                 if checkpoint is not None and main and partial:
                     # resume continues this epoch where max_steps cut it; its row is redone then
-                    checkpoint.save(state, meta={"epoch": epoch, "batch": position["batch"], "history": history[:-1]})
+                    checkpoint.save(state, meta={"epoch": epoch, "batch": position["batch"], "history": history[:-1], **_running(mean)})
                 elif checkpoint is not None and main and checkpoint.due_epoch(epoch):
                     checkpoint.save(state, meta={"epoch": epoch, "batch": 0, "history": history})
                 stopped = stopped or should_stop(state)
@@ -392,6 +404,10 @@ def fit(
         if logger is not None and main and hasattr(logger, "flush"):
             logger.flush()
     return state, history
+
+
+def _running(mean: _Mean) -> dict[str, Any]:
+    return {"train_mean": {"sums": dict(mean.sums), "count": mean.count}}
 
 
 def _on_cpu(metrics: Mapping[str, Any]) -> bool:

@@ -33,4 +33,4 @@ def step(state, batch):
 
 ck = tk.Checkpointer(args.ckpt, every_n_steps=7, keep_last=2)
 state, history = tk.fit(step, state, loader, epochs=4, checkpoint=ck, resume="latest" if args.resume else None, progress=False)
-tk.save(state, args.out, meta={"epochs": len(history)})
+tk.save(state, args.out, meta={"history": history})
