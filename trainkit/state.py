@@ -112,8 +112,9 @@ class TrainState:
         """Make the initial state of ``module`` trained by ``tx``.
 
         The params and buffers are copies, and steps call a private copy of the
-        module: training never changes the ``module`` you pass (its tensors nor its
-        attributes), which is from then on used as a function.
+        module: training never changes or rebinds the tensors of the ``module`` you
+        pass, which is from then on used as a function. (``tk.jit`` caches a
+        tensor-less copy in its ``__dict__``: dynamo can guard on that, not on a side table.)
 
         >>> import torch, trainkit as tk
         >>> s = tk.TrainState.create(torch.nn.Linear(3, 2), tk.optim.adam(1e-3), dtype=torch.float64)
