@@ -54,6 +54,10 @@ __all__ = [
     "get_lr",
     "set_lr",
     "clone_state",
+    "init",
+    "apply_gradients",
+    "skip_update",
+    "map_lr",
 ]
 
 Schedule = Callable[[int], float]
@@ -399,6 +403,78 @@ def clone_state(opt_state: Any) -> Any:
         return {k: clone_state(v) for k, v in opt_state.items()}
     if isinstance(opt_state, (list, tuple)):
         return type(opt_state)(clone_state(v) for v in opt_state)
+    return opt_state
+
+
+# --------------------------------------------------------------------------- what TrainState and jit call
+# TrainState and trainkit.jit reach the optimizer only through these four functions,
+# so the layout of an optimizer state is this module's business alone.
+
+
+def init(tx: GradientTransformation, params: dict[str, Tensor]) -> Any:
+    """The initial optimizer state of ``tx`` for ``params`` (a dict keyed by parameter name).
+
+    >>> import torch, trainkit.optim as optim
+    >>> optim.init(optim.sgd(0.1), {"w": torch.zeros(2)})["count"]
+    0
+    """
+    return tx.init(list(params.values()))
+
+
+def apply_gradients(
+    tx: GradientTransformation, grads: dict[str, Tensor], opt_state: Any, params: dict[str, Tensor], *, donate: bool
+) -> tuple[dict[str, Tensor], Any]:
+    """One update: ``(new_params, new_opt_state)``. ``grads`` and ``params`` are dicts with the same keys.
+
+    ``donate=False`` is pure: new tensors, ``params`` and ``opt_state`` untouched.
+    ``donate=True`` updates them in place with the same kernels, so the two agree bit for bit.
+
+    >>> import torch, trainkit.optim as optim
+    >>> tx, p = optim.sgd(0.5), {"w": torch.tensor([1.0])}
+    >>> new, s = optim.apply_gradients(tx, {"w": torch.tensor([2.0])}, optim.init(tx, p), p, donate=False)
+    >>> new["w"].item(), p["w"].item(), s["count"]
+    (0.0, 1.0, 1)
+    """
+    names = list(params)
+    g = [grads[n] for n in names]
+    if donate:
+        p = list(params.values())
+        return params, apply_updates(tx, g, opt_state, p)
+    fresh = [t.detach().clone() for t in params.values()]
+    opt_state = apply_updates(tx, g, clone_state(opt_state), fresh)
+    return dict(zip(names, fresh)), opt_state
+
+
+def skip_update(tx: GradientTransformation, opt_state: Any) -> Any:
+    """The optimizer state after an update that a transform vetoed (non-finite fp16 gradients).
+
+    The params do not change and schedules do not advance.
+
+    >>> import trainkit.optim as optim
+    >>> s = optim.sgd(0.1).init([])
+    >>> optim.skip_update(optim.sgd(0.1), s) == s
+    True
+    """
+    return opt_state
+
+
+def map_lr(opt_state: Any, fn: Callable[[Any], Any]) -> Any:
+    """``opt_state`` with every learning rate ``lr`` in it replaced by ``fn(lr)``; unchanged (the same object) if none.
+
+    trainkit.jit turns the LR into a 0-d tensor with it (a graph input, so a schedule never recompiles).
+
+    >>> import trainkit.optim as optim
+    >>> optim.get_lr(optim.map_lr(optim.adam(1e-3).init([]), lambda lr: 2 * lr))
+    0.002
+    """
+    if isinstance(opt_state, dict):
+        if "lr" in opt_state and "count" in opt_state:
+            new = fn(opt_state["lr"])
+            return opt_state if new is opt_state["lr"] else {**opt_state, "lr": new}
+        return opt_state
+    if isinstance(opt_state, (tuple, list)):
+        new = [map_lr(s, fn) for s in opt_state]
+        return type(opt_state)(new) if any(a is not b for a, b in zip(new, opt_state)) else opt_state
     return opt_state
 
 

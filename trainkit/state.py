@@ -142,7 +142,7 @@ class TrainState:
 
         params = {n: copy(p, True) for n, p in module.named_parameters()}
         buffers = {n: copy(b, False) for n, b in module.named_buffers()}
-        opt_state = tx.init(list(params.values()))
+        opt_state = _optim.init(tx, params)
         return cls(step=0, params=params, buffers=buffers, opt_state=opt_state, rng=seed, slots={}, module=module, tx=tx)
 
     def replace(self, **changes: Any) -> "TrainState":
@@ -218,26 +218,24 @@ class TrainState:
         names = self.params.keys()
         if not isinstance(grads, Mapping) or grads.keys() != names:
             _raise_grads_mismatch(self.params, grads)
-        g = list(grads.values()) if list(grads) == list(names) else [grads[n] for n in names]
-        p = list(self.params.values())
-        for gi, pi in zip(g, p):
+        for n, pi in self.params.items():
+            gi = grads[n]
             if not isinstance(gi, Tensor) or gi.shape != pi.shape:
                 _raise_grads_mismatch(self.params, grads)
         ctx = _context()
         new = {"step": self.step + 1, **changes}
         if buffers is not None:
             new["buffers"] = dict(buffers)
-        if all(h.allow_update(g) for h in ctx.hooks):
+        if all(h.allow_update([grads[n] for n in names]) for h in ctx.hooks):
             with torch.no_grad():
-                if ctx.donate:
-                    params = self.params
-                    opt_state = _optim.apply_updates(self.tx, g, self.opt_state, p)
-                else:  # the same in-place kernels, on copies: pure and donated agree bit for bit
-                    fresh = [t.clone() for t in p]
-                    opt_state = _optim.apply_updates(self.tx, g, _optim.clone_state(self.opt_state), fresh)
-                    params = dict(zip(names, (t.requires_grad_(t.is_floating_point()) for t in fresh)))
+                params, opt_state = _optim.apply_gradients(self.tx, grads, self.opt_state, self.params, donate=ctx.donate)
+            if not ctx.donate:
+                for t in params.values():
+                    t.requires_grad_(t.is_floating_point())
             new["params"] = params
             new["opt_state"] = opt_state
+        else:
+            new["opt_state"] = _optim.skip_update(self.tx, self.opt_state)
         return self.replace(**new)
 
     # ------------------------------------------------------------------ conveniences

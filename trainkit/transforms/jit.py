@@ -54,6 +54,7 @@ from torch import Tensor
 from torch.utils import _pytree as pytree
 
 from .. import functional as _functional
+from .. import optim as _optim
 from ..run import is_epoch_step
 from ..state import TrainState, _derive_seed, _traced_module
 from ._base import applied_transforms, mark, two_forms
@@ -118,27 +119,12 @@ def _int_sources(state: TrainState) -> str:
     return ",".join(names)
 
 
-def _lr_tensors(opt_state: Any) -> Any:
-    # Optimizer stages keep {"count": int, "lr": float, ...} (see trainkit.optim).
-    if isinstance(opt_state, dict):
-        lr = opt_state.get("lr")
-        if type(lr) is float and "count" in opt_state:
-            return {**opt_state, "lr": torch.tensor(lr, dtype=torch.float64)}
-        return opt_state
-    if isinstance(opt_state, (tuple, list)):
-        new = [_lr_tensors(s) for s in opt_state]
-        return type(opt_state)(new) if any(a is not b for a, b in zip(new, opt_state)) else opt_state
-    return opt_state
+def _lr_tensor(lr: Any) -> Any:
+    return torch.tensor(lr, dtype=torch.float64) if type(lr) is float else lr
 
 
-def _lr_floats(opt_state: Any) -> Any:
-    if isinstance(opt_state, dict):
-        lr = opt_state.get("lr")
-        return {**opt_state, "lr": float(lr)} if isinstance(lr, Tensor) and "count" in opt_state else opt_state
-    if isinstance(opt_state, (tuple, list)):
-        new = [_lr_floats(s) for s in opt_state]
-        return type(opt_state)(new) if any(a is not b for a, b in zip(new, opt_state)) else opt_state
-    return opt_state
+def _lr_float(lr: Any) -> Any:
+    return float(lr) if isinstance(lr, Tensor) else lr
 
 
 def _check_metrics(out: Any, name: str) -> None:
@@ -371,7 +357,7 @@ class JittedStep:
         _traced_module(state.module, True)  # made outside the graph: tracing only looks it up
         # The LR changes every step under a schedule: as a Python float, inductor would bake it
         # into the graph and recompile for each new value; as a 0-d tensor it is an input.
-        lr_state = _lr_tensors(state.opt_state)
+        lr_state = _optim.map_lr(state.opt_state, _lr_tensor)
         if lr_state is not state.opt_state:
             state = state.replace(opt_state=lr_state)
         call = _Call(self, state)
@@ -394,7 +380,7 @@ class JittedStep:
             self._after_compile()
         new_state = out[0] if type(out) is tuple and len(out) == 2 else None
         if isinstance(new_state, TrainState):  # an update that was vetoed hands back our LR tensors
-            lr_state = _lr_floats(new_state.opt_state)
+            lr_state = _optim.map_lr(new_state.opt_state, _lr_float)
             if lr_state is not new_state.opt_state:
                 out = (new_state.replace(opt_state=lr_state), out[1])
         return out
