@@ -3,15 +3,22 @@
 A logger is anything with ``log_metrics(metrics: dict[str, float], step: int)``;
 ``log_hyperparams``, ``flush`` and ``close`` are optional. Loggers receive floats
 only: ``fit`` decides when to read the device (at log intervals).
+
+These loggers touch the disk only when they first write, and only on rank 0 of
+``torch.distributed``: build the same logger on every rank and log from anywhere.
+``close()`` is idempotent and a write after it reopens the files, so the runner may
+close a logger that the caller goes on using.
 """
 
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 import os
 import re
 import struct
+import sys
 from pathlib import Path
 from typing import Any, Mapping, Union
 
@@ -20,132 +27,333 @@ __all__ = ["TensorBoardLogger", "CSVLogger", "JSONLLogger", "read_scalars", "nex
 PathLike = Union[str, os.PathLike]
 
 
-def next_version_dir(root: PathLike, name: str) -> Path:
-    """``root/name/version_N`` with N one more than the largest there (0 for the first).
+def _rank() -> int:
+    """This process's rank: torch.distributed's once a group is up, else torchrun's ``RANK``, else 0."""
+    dist = sys.modules.get("torch.distributed")  # loaded with torch; not imported here for a logger
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    try:  # torchrun sets RANK before the script runs, so a logger built before init_process_group knows it
+        return int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return 0
+
+
+def next_version_dir(root: PathLike, name: str | None = None) -> Path:
+    """Create and return ``root/name/version_N``, N one more than the largest there (0 for the first).
+
+    ``name=None`` or ``""`` puts the versions directly under ``root``. Safe against
+    another process creating a version at the same time (the next number is taken).
 
     >>> import tempfile
     >>> root = tempfile.mkdtemp()
-    >>> next_version_dir(root, "demo").name
-    'version_0'
+    >>> next_version_dir(root, "demo").name, next_version_dir(root, "demo").name
+    ('version_0', 'version_1')
     """
-    base = Path(root) / name
+    base = Path(root) / (name or "")
+    base.mkdir(parents=True, exist_ok=True)
     versions = [int(m.group(1)) for p in base.glob("version_*") if (m := re.fullmatch(r"version_(\d+)", p.name))]
-    path = base / f"version_{max(versions) + 1 if versions else 0}"
-    path.mkdir(parents=True, exist_ok=False)
-    return path
+    n = max(versions) + 1 if versions else 0
+    while True:
+        path = base / f"version_{n}"
+        try:
+            path.mkdir(exist_ok=False)
+            return path
+        except FileExistsError:  # another process took this number first
+            n += 1
 
 
-def _clean_hparams(params: Mapping[str, Any]) -> dict[str, Union[bool, int, float, str]]:
-    return {k: v if isinstance(v, (bool, int, float, str)) else str(v) for k, v in params.items()}
+class _RunFolder:
+    """``root/name/version_N``, chosen and created on first use, on rank 0 only."""
+
+    def __init__(self, root: PathLike, name: str | None, who: str) -> None:
+        if not isinstance(root, (str, os.PathLike)):
+            raise TypeError(f"{who}: root must be a folder path (str or os.PathLike), got {type(root).__name__}. "
+                            "Pass e.g. root='runs'.")
+        if str(root) == "":
+            raise ValueError(f"{who}: root is an empty string. Pass a folder, e.g. root='runs' (or '.').")
+        if name is not None and not isinstance(name, str):
+            raise TypeError(f"{who}: name must be a str or None, got {type(name).__name__}. "
+                            "Pass e.g. name='exp', or name=None for versions directly under root.")
+        if name and (Path(name).is_absolute() or ".." in Path(name).parts):
+            raise ValueError(f"{who}: name must be a folder inside root, got {name!r}. "
+                             "Pass the outer folder as root= and a plain name, e.g. name='exp'.")
+        if Path(root).exists() and not Path(root).is_dir():
+            raise ValueError(f"{who}: root {str(root)!r} is a file, not a folder. Pass a folder path.")
+        self.root, self.name, self._path = Path(root), name or "", None
+
+    @property
+    def path(self) -> Path | None:
+        if _rank() != 0:
+            return None
+        if self._path is None:
+            self._path = next_version_dir(self.root, self.name)
+        return self._path
+
+
+def _clean_hparams(params: Mapping[str, Any], who: str) -> dict[str, Union[bool, int, float, str]]:
+    if not isinstance(params, Mapping):
+        raise TypeError(f"{who}: params must be a dict of hyperparameters, got {type(params).__name__}. "
+                        "Pass e.g. {'lr': 1e-3, 'batch_size': 64}.")
+    return {str(k): v if isinstance(v, (bool, int, float, str)) else str(v) for k, v in params.items()}
+
+
+def _floats(metrics: Mapping[str, Any] | None, who: str) -> dict[str, float]:
+    if metrics is None:
+        return {}
+    if not isinstance(metrics, Mapping):
+        raise TypeError(f"{who}: metrics must be a dict of numbers, got {type(metrics).__name__}. "
+                        "Pass e.g. {'val/loss': 0.25}.")
+    out = {}
+    for k, v in metrics.items():
+        try:
+            out[str(k)] = float(v)
+        except (TypeError, ValueError, RuntimeError):  # RuntimeError: a tensor of several elements
+            raise TypeError(f"{who}: metric {k!r} must be a number, got {type(v).__name__}. "
+                            "Log floats or one-element tensors.") from None
+    return out
+
+
+def _write_hparams(log_dir: Path, params: Mapping[str, Any]) -> None:
+    (log_dir / "hparams.json").write_text(json.dumps(params, indent=2))
 
 
 class TensorBoardLogger:
     """Write scalars to ``root/name/version_N/`` for TensorBoard (``tensorboard --logdir runs``).
+    Nothing is created until the first write, and only on rank 0 of ``torch.distributed``
+    (``RANK`` under ``torchrun``, before the process group is up): off rank 0 every method
+    is a no-op and ``log_dir`` is ``None``. ``log_dir`` is a property: reading it chooses
+    and creates the version folder on rank 0 (so that files can be saved beside the logs).
+    ``name=None`` (or ``""``) puts the versions directly under ``root``.
+    ``close()`` may be called any number of times; a write after it opens a new event file
+    in the same folder, so a closed logger keeps working (``fit`` closes it; test metrics
+    logged afterwards still land in the run).
 
     >>> import tempfile, trainkit as tk
     >>> log = tk.TensorBoardLogger(tempfile.mkdtemp(), name="demo")
-    >>> log.log_hyperparams({"lr": 0.1})
+    >>> log.log_hyperparams({"lr": 0.1}, metrics={"hp/acc": 0.9})
     >>> log.log_metrics({"train/loss": 0.5}, step=1)
     >>> log.close()
-    >>> tk.read_scalars(log.log_dir)["train/loss"]
-    [(1, 0.5)]
+    >>> log.log_metrics({"test/loss": 0.4}, step=1)
+    >>> log.close()
+    >>> s = tk.read_scalars(log.log_dir)
+    >>> s["train/loss"], s["hp/acc"], s["test/loss"]
+    ([(1, 0.5)], [(0, 0.9...)], [(1, 0.4...)])
     """
 
-    def __init__(self, root: PathLike = "runs", name: str = "default", *, flush_secs: int = 30) -> None:
-        from tensorboardX import SummaryWriter
+    def __init__(self, root: PathLike = "runs", name: str | None = "default", *, flush_secs: float = 30) -> None:
+        self._run = _RunFolder(root, name, "TensorBoardLogger")
+        if isinstance(flush_secs, bool) or not isinstance(flush_secs, (int, float)) or not flush_secs > 0:
+            raise ValueError(f"TensorBoardLogger: flush_secs must be a positive number of seconds, got {flush_secs!r}. "
+                             "Pass e.g. flush_secs=30.")
+        if importlib.util.find_spec("tensorboardX") is None:
+            raise ImportError("TensorBoardLogger: needs tensorboardX, which is not installed. "
+                              "pip install tensorboardX, or use CSVLogger / JSONLLogger.")
+        self._flush_secs = flush_secs
+        self._writer: Any = None
+        self._opened = 0  # event files opened so far: a reopen after close() writes a new one
 
-        self.log_dir = next_version_dir(root, name)
-        self._writer = SummaryWriter(logdir=str(self.log_dir), flush_secs=flush_secs)
+    @property
+    def log_dir(self) -> Path | None:
+        """``root/name/version_N`` (created on first use), or ``None`` off rank 0."""
+        return self._run.path
+
+    def _open(self) -> Any:
+        if self._writer is None:
+            log_dir = self.log_dir
+            if log_dir is None:
+                return None
+            from tensorboardX import SummaryWriter
+
+            # event files are named by the second and the host: a suffix keeps a reopened one apart
+            suffix = f".{self._opened}" if self._opened else ""
+            self._writer = SummaryWriter(logdir=str(log_dir), flush_secs=self._flush_secs, filename_suffix=suffix)
+            self._opened += 1
+        return self._writer
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
-        for k, v in metrics.items():
-            self._writer.add_scalar(k, float(v), global_step=int(step))
+        """Add each metric as a scalar at ``step``."""
+        values = _floats(metrics, "TensorBoardLogger.log_metrics")
+        writer = self._open()
+        if writer is not None:
+            for k, v in values.items():
+                writer.add_scalar(k, v, global_step=int(step))
 
-    def log_hyperparams(self, params: Mapping[str, Any], metrics: Mapping[str, float] | None = None) -> None:
-        """Record hyperparameters (TensorBoard's HPARAMS tab, and ``hparams.json`` beside the events)."""
+    def log_hyperparams(self, params: Mapping[str, Any], metrics: Mapping[str, float] | None = None, *,
+                        step: int = 0) -> None:
+        """Record hyperparameters, and the metrics they are judged by.
+
+        Writes TensorBoard's HPARAMS plugin records (the hyperparameters and the metric
+        names), each metric as a scalar at ``step`` (which the HPARAMS tab shows and
+        :func:`read_scalars` reads back), and ``hparams.json`` beside the events.
+        """
+        clean = _clean_hparams(params, "TensorBoardLogger.log_hyperparams")
+        values = _floats(metrics, "TensorBoardLogger.log_hyperparams")
+        writer = self._open()
+        if writer is None:
+            return
         from tensorboardX.summary import hparams
 
-        clean = _clean_hparams(params)
-        (self.log_dir / "hparams.json").write_text(json.dumps(clean, indent=2))
-        for summary in hparams(clean, dict(metrics or {})):
-            self._writer.file_writer.add_summary(summary)
+        _write_hparams(self._run.path, clean)
+        for summary in hparams(clean, values):  # experiment, session start, session end
+            writer.file_writer.add_summary(summary)
+        for k, v in values.items():
+            writer.add_scalar(k, v, global_step=int(step))
 
     def flush(self) -> None:
-        self._writer.flush()
+        """Write buffered events to disk now."""
+        if self._writer is not None:
+            self._writer.flush()
 
     def close(self) -> None:
-        self._writer.close()
+        """Flush and close the event file (again: nothing); a later write opens a new one."""
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
 
 
 class CSVLogger:
     """Append metrics to ``root/name/version_N/metrics.csv`` (one row per ``log_metrics`` call).
 
-    Columns grow as new metric names appear (the file is rewritten then, rarely).
-
+    Columns grow as new metric names appear (the file is rewritten then, rarely). Each
+    row goes to the OS as it is logged, so ``flush`` and ``close`` have nothing to do;
+    writes after ``close`` append.
+    Nothing is created until the first write, and only on rank 0 of ``torch.distributed``
+    (``RANK`` under ``torchrun``, before the process group is up): off rank 0 every method
+    is a no-op and ``log_dir`` is ``None``. ``log_dir`` is a property: reading it chooses
+    and creates the version folder on rank 0 (so that files can be saved beside the logs).
+    ``name=None`` (or ``""``) puts the versions directly under ``root``.
     >>> import tempfile, trainkit as tk
     >>> log = tk.CSVLogger(tempfile.mkdtemp())
     >>> log.log_metrics({"loss": 1.5}, step=3)
+    >>> log.log_hyperparams({"lr": 0.1}, metrics={"hp/acc": 0.9}, step=3)
     >>> log.close()
     >>> (log.log_dir / "metrics.csv").read_text().splitlines()
-    ['step,loss', '3,1.5']
+    ['step,loss,hp/acc', '3,1.5,', '3,,0.9']
     """
 
-    def __init__(self, root: PathLike = "runs", name: str = "default") -> None:
-        self.log_dir = next_version_dir(root, name)
-        self.path = self.log_dir / "metrics.csv"
+    def __init__(self, root: PathLike = "runs", name: str | None = "default") -> None:
+        self._run = _RunFolder(root, name, "CSVLogger")
         self._columns: list[str] = ["step"]
         self._rows: list[dict[str, Any]] = []
 
+    @property
+    def log_dir(self) -> Path | None:
+        """``root/name/version_N`` (created on first use), or ``None`` off rank 0."""
+        return self._run.path
+
+    @property
+    def path(self) -> Path | None:
+        """The ``metrics.csv`` file, or ``None`` off rank 0."""
+        log_dir = self.log_dir
+        return None if log_dir is None else log_dir / "metrics.csv"
+
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
-        row = {"step": int(step), **{k: float(v) for k, v in metrics.items()}}
+        """Append one row: ``step`` and the metrics (empty cells for the columns not given)."""
+        row = {"step": int(step), **_floats(metrics, "CSVLogger.log_metrics")}
+        path = self.path
+        if path is None:
+            return
         new_cols = [k for k in row if k not in self._columns]
         self._rows.append(row)
         if new_cols:
             self._columns += new_cols
-            self._rewrite()
+            self._rewrite(path)
         else:
-            with open(self.path, "a", newline="") as f:
+            with open(path, "a", newline="") as f:
                 csv.DictWriter(f, fieldnames=self._columns).writerow(row)
 
-    def _rewrite(self) -> None:
-        tmp = self.path.with_suffix(".tmp")
+    def _rewrite(self, path: Path) -> None:
+        tmp = path.with_suffix(".tmp")
         with open(tmp, "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=self._columns)
             w.writeheader()
             w.writerows(self._rows)
-        os.replace(tmp, self.path)
+        os.replace(tmp, path)
 
-    def log_hyperparams(self, params: Mapping[str, Any]) -> None:
-        (self.log_dir / "hparams.json").write_text(json.dumps(_clean_hparams(params), indent=2))
+    def log_hyperparams(self, params: Mapping[str, Any], metrics: Mapping[str, float] | None = None, *,
+                        step: int = 0) -> None:
+        """Write ``hparams.json``; the metrics, if any, as a row at ``step``."""
+        clean = _clean_hparams(params, "CSVLogger.log_hyperparams")
+        values = _floats(metrics, "CSVLogger.log_hyperparams")
+        if self.log_dir is None:
+            return
+        _write_hparams(self.log_dir, clean)
+        if values:
+            self.log_metrics(values, step)
+
+    def flush(self) -> None:
+        """Nothing to do: every row is written when it is logged."""
 
     def close(self) -> None:
-        pass
+        """Nothing to do: every row is written when it is logged (later rows append)."""
 
 
 class JSONLLogger:
     """Append one JSON object per ``log_metrics`` call to ``root/name/version_N/metrics.jsonl``.
 
+    Each line is flushed as it is written; ``close`` closes the file (again: nothing) and a
+    later write reopens it to append.
+    Nothing is created until the first write, and only on rank 0 of ``torch.distributed``
+    (``RANK`` under ``torchrun``, before the process group is up): off rank 0 every method
+    is a no-op and ``log_dir`` is ``None``. ``log_dir`` is a property: reading it chooses
+    and creates the version folder on rank 0 (so that files can be saved beside the logs).
+    ``name=None`` (or ``""``) puts the versions directly under ``root``.
     >>> import tempfile, json, trainkit as tk
     >>> log = tk.JSONLLogger(tempfile.mkdtemp())
     >>> log.log_metrics({"loss": 1.5}, step=3)
-    >>> json.loads((log.log_dir / "metrics.jsonl").read_text())
-    {'step': 3, 'loss': 1.5}
+    >>> log.close()
+    >>> log.log_hyperparams({"lr": 0.1}, metrics={"hp/acc": 0.9}, step=3)
+    >>> [json.loads(line) for line in (log.log_dir / "metrics.jsonl").read_text().splitlines()]
+    [{'step': 3, 'loss': 1.5}, {'step': 3, 'hp/acc': 0.9}]
     """
 
-    def __init__(self, root: PathLike = "runs", name: str = "default") -> None:
-        self.log_dir = next_version_dir(root, name)
-        self.path = self.log_dir / "metrics.jsonl"
-        self._file = open(self.path, "a")
+    def __init__(self, root: PathLike = "runs", name: str | None = "default") -> None:
+        self._run = _RunFolder(root, name, "JSONLLogger")
+        self._file: Any = None
+
+    @property
+    def log_dir(self) -> Path | None:
+        """``root/name/version_N`` (created on first use), or ``None`` off rank 0."""
+        return self._run.path
+
+    @property
+    def path(self) -> Path | None:
+        """The ``metrics.jsonl`` file, or ``None`` off rank 0."""
+        log_dir = self.log_dir
+        return None if log_dir is None else log_dir / "metrics.jsonl"
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
-        self._file.write(json.dumps({"step": int(step), **{k: float(v) for k, v in metrics.items()}}) + "\n")
+        """Append ``{"step": step, **metrics}`` as one line."""
+        line = json.dumps({"step": int(step), **_floats(metrics, "JSONLLogger.log_metrics")}) + "\n"
+        if self._file is None:
+            path = self.path
+            if path is None:
+                return
+            self._file = open(path, "a")
+        self._file.write(line)
         self._file.flush()
 
-    def log_hyperparams(self, params: Mapping[str, Any]) -> None:
-        (self.log_dir / "hparams.json").write_text(json.dumps(_clean_hparams(params), indent=2))
+    def log_hyperparams(self, params: Mapping[str, Any], metrics: Mapping[str, float] | None = None, *,
+                        step: int = 0) -> None:
+        """Write ``hparams.json``; the metrics, if any, as a line at ``step``."""
+        clean = _clean_hparams(params, "JSONLLogger.log_hyperparams")
+        values = _floats(metrics, "JSONLLogger.log_hyperparams")
+        if self.log_dir is None:
+            return
+        _write_hparams(self.log_dir, clean)
+        if values:
+            self.log_metrics(values, step)
+
+    def flush(self) -> None:
+        """Flush the file (each line is already flushed as it is written)."""
+        if self._file is not None:
+            self._file.flush()
 
     def close(self) -> None:
-        self._file.close()
+        """Close the file (again: nothing); a later write reopens it to append."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
 
 
 def read_scalars(log_dir: PathLike) -> dict[str, list[tuple[int, float]]]:
