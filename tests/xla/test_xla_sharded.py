@@ -115,9 +115,9 @@ def test_one_graph_per_call_no_recompiles_no_host_reads():
         xm.wait_device_ops()
         after = {k: met.counter_value(k) or 0 for k in ("ExecuteReplicated", "UncachedCompile")}
         assert after["ExecuteReplicated"] - before["ExecuteReplicated"] == 5  # one graph per call
-        # Changing LR, step count, batches: no recompiles, except that XLA's autograd thread may still
-        # hold an intermediate gradient when sync runs (rarely, once): that variant compiles once, is cached.
-        assert after["UncachedCompile"] - before["UncachedCompile"] <= 1
+        # Changing LR, step count, batches: no recompiles. (The backward runs on the caller's thread: on
+        # autograd's XLA worker thread it could still hold a gradient when sync ran, a second graph in 3 of 6 runs.)
+        assert after["UncachedCompile"] - before["UncachedCompile"] == 0
         assert (met.metric_data("TransferFromDeviceTime") or (0,))[0] == transfers  # metrics stay on the device
     assert m["loss"].device.type == "xla" and torch.isfinite(m["loss"].cpu())
 

@@ -19,6 +19,13 @@ on the CPU) is moved there on the first call; the state returned lives on the XL
 device. Dropout draws from the XLA generator, seeded from ``(state.rng, state.step)``
 each call, so a step is deterministic. An ``eval_step`` passed to :func:`trainkit.fit`
 is not wrapped: move its batch to ``state.device`` there (``x.to(state.device)``).
+
+Autograd inside the step runs on the calling thread (``torch.autograd.set_multithreading_enabled(False)``
+for the call), so a process that ran a CPU backward first (a reference loop, another test) still
+trains: torch's autograd engine sizes its per-device queues at the first backward of the process,
+and an XLA backward on its device threads would then fail with ``INTERNAL ASSERT FAILED ...
+device_ready_queues_`` (pytorch/xla#4174). An XLA backward of your own outside the step fails
+the same way in such a process: run it under ``torch.autograd.set_multithreading_enabled(False)`` too.
 """
 
 from __future__ import annotations
@@ -199,7 +206,13 @@ def xla_sharded(
             state = place_state(state)
             batch = place_batch(batch)
             xm.set_rng_state(_derive_seed(state.rng, state.step) % (1 << 63), device=str(device))
-            new_state, metrics = _check_step_output(inner(state, batch), "xla_sharded: step")
+            # The backward runs on this thread, not on autograd's per-device worker: the engine sizes its
+            # device queues once, at the process's first backward, when torch_xla still reports 0 devices
+            # (its runtime starts later; under SPMD torch_xla.device() does not start it either), so after
+            # any CPU backward an XLA one on a worker fails with "INTERNAL ASSERT FAILED ...
+            # device_ready_queues_" (pytorch/xla#4174). On this thread it only traces: measured as fast.
+            with torch.autograd.set_multithreading_enabled(False):
+                new_state, metrics = _check_step_output(inner(state, batch), "xla_sharded: step")
             pin(new_state)  # the outputs keep the inputs' shardings, so the next call reuses this graph
             torch_xla.sync()  # the whole step, traced above, runs here as one graph
             return new_state, metrics
