@@ -245,7 +245,7 @@ def test_a_hook_outside_that_changes_gradients_is_respected(group_of_one):
             return [2 * g for g in grads]
 
     state, batch = W.make_state(tx=tk.optim.sgd(0.1)), _batch()
-    with tk.hooks(Double()):
+    with tk.hooks(Double(), params=state.params):
         expected, _ = W.train_step(state, batch)
         got, _ = tk.distributed(W.train_step, bucket_cap_mb=0.0005)(state, batch)
     assert_trees_close(got.params, expected.params, rtol=1e-12, atol=1e-12)

@@ -54,23 +54,67 @@ def test_hooks_see_loss_inner_first_and_grads_outer_first():
             seen.append(("grads", self.name))
             return [g / self.factor for g in grads]
 
-    with tk.hooks(H("outer", 2.0)):
-        with tk.hooks(H("inner", 8.0)):
-            loss, g = tk.value_and_grad(lambda p: (p["w"] ** 2).sum())({"w": torch.ones(2)})
+    params = {"w": torch.ones(2)}
+    with tk.hooks(H("outer", 2.0), params=params):
+        with tk.hooks(H("inner", 8.0), params=params):
+            loss, g = tk.value_and_grad(lambda p: (p["w"] ** 2).sum())(params)
     assert seen == [("loss", "inner"), ("loss", "outer"), ("grads", "outer"), ("grads", "inner")]
     assert loss.item() == 2.0 and g["w"].tolist() == [2.0, 2.0]
     with pytest.raises(TypeError, match="StepHook"):
-        with tk.hooks(object()):
+        with tk.hooks(object(), params=params):
+            pass
+    with pytest.raises(TypeError, match="params=state.params"):
+        with tk.hooks(H("x", 1.0), params=[torch.ones(1)]):
             pass
 
 
-def test_allow_update_veto_keeps_params_and_optimizer_state():
+def test_skip_update_veto_keeps_params_and_optimizer_state():
     class Veto(tk.StepHook):
-        def allow_update(self, grads):
-            return False
+        def skip_update(self, grads):
+            return True
 
     s = tk.TrainState.create(torch.nn.Linear(2, 1), tk.optim.adam(0.1))
     g = {k: torch.ones_like(v) for k, v in s.params.items()}
-    with tk.hooks(Veto()):
+    with tk.hooks(Veto(), params=s.params):
         s2 = s.apply_gradients(g)
     assert s2.step == 1 and s2.params is s.params and s2.opt_state is s.opt_state
+    other = tk.TrainState.create(torch.nn.Linear(3, 2, bias=False), tk.optim.adam(0.1))
+    with tk.hooks(Veto(), params=s.params):  # another state's params: not in the hooks' scope
+        o2 = other.apply_gradients({"weight": torch.ones(2, 3)})
+    assert o2.params is not other.params
+
+
+def test_a_discarded_update_does_no_optimizer_work():
+    class Replica(tk.StepHook):
+        def applies_update(self):
+            return False
+
+    s = tk.TrainState.create(torch.nn.Linear(2, 1), tk.optim.adam(0.1))
+    with tk.hooks(Replica(), params=s.params):
+        s2 = s.apply_gradients({k: torch.ones_like(v) for k, v in s.params.items()})
+    assert s2.step == 1 and s2.params is s.params and s2.opt_state is s.opt_state
+
+
+def test_hooks_see_only_the_gradient_of_the_scoped_params():
+    calls = []
+
+    class Count(tk.StepHook):
+        def loss(self, loss, params):
+            calls.append("loss")
+            return loss
+
+        def grads(self, grads, params):
+            calls.append("grads")
+            return [10 * g for g in grads]
+
+    s = tk.TrainState.create(torch.nn.Linear(3, 1), tk.optim.sgd(0.1))
+    x = torch.randn(4, 3)
+    with tk.hooks(Count(), params=s.params):
+        # an input-gradient metric: plain math, no hook
+        gx = tk.grad(lambda i: s.apply(None, i["x"])[0].sum())({"x": x})
+        assert calls == [] and torch.allclose(gx["x"], s.params["weight"].expand(4, 3))
+        # a subset of the params is not the state's params either
+        tk.grad(lambda p: s.apply({**s.params, **p}, x)[0].sum())({"bias": s.params["bias"]})
+        assert calls == []
+        g = tk.grad(lambda p: s.apply(p, x)[0].sum())(dict(s.params))  # the params, another dict: hooked
+    assert calls == ["loss", "grads"] and torch.allclose(g["bias"], torch.tensor([40.0]))

@@ -269,7 +269,7 @@ def test_outer_hooks_reach_the_compiled_step():
             return [2 * g for g in grads]
 
     step = tk.jit(train_step, backend="eager")
-    with tk.hooks(Double()):
+    with tk.hooks(Double(), params=make_state().params):
         s_jit, _ = step(make_state(), batches(1)[0])
         s_eager, _ = train_step(make_state(), batches(1)[0])
     assert_states_close(s_jit, s_eager)

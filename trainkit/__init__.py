@@ -13,12 +13,24 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from . import optim
+from . import contract, dist, metrics, optim, rng
 from .checkpoint import Checkpointer, CheckpointError, load, save
-from .functional import StepHook, donating, grad, hooks, is_donating, value_and_grad
+from .contract import EpochData, gauges, is_epoch_step
+from .functional import (
+    StepContext,
+    StepHook,
+    current_context,
+    donating,
+    grad,
+    hooked,
+    hooks,
+    is_donating,
+    use_context,
+    value_and_grad,
+)
 from .loggers import CSVLogger, JSONLLogger, TensorBoardLogger, read_scalars
-from .run import EpochData, epoch_step, evaluate, fit, is_epoch_step, should_stop
-from .state import TrainState
+from .run import RunPosition, epoch_step, evaluate, fit, should_stop
+from .state import TrainState, to_module
 from .transforms import applied_transforms, compose
 
 __version__ = "0.1.0"
@@ -57,10 +69,21 @@ def __dir__() -> list[str]:
 __all__ = [
     "TrainState",
     "optim",
+    "contract",
+    "dist",
+    "metrics",
+    "rng",
     "value_and_grad",
     "grad",
     "StepHook",
+    "StepContext",
     "hooks",
+    "hooked",
+    "current_context",
+    "use_context",
+    "to_module",
+    "gauges",
+    "RunPosition",
     "donating",
     "is_donating",
     "fit",

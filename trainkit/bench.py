@@ -38,8 +38,8 @@ from typing import Any, Callable, Iterator, Mapping, Union
 
 import torch
 
+from .contract import check_step_output
 from .functional import donating
-from .run import _check_step_output
 from .state import TrainState
 
 __all__ = ["StepTiming", "Comparison", "time_step", "compare"]
@@ -210,7 +210,7 @@ def time_step(
 
 def _warm(timer: _Timer, name: str, step: Step, state: TrainState, batch: Any, warmup: int) -> TrainState:
     if warmup:
-        state, _ = _check_step_output(step(state, batch), f"bench: {name}")  # the first call may compile
+        state, _ = check_step_output(step(state, batch), f"bench: {name}")  # the first call may compile
         state, _ = timer.run(step, state, batch, warmup - 1)
     return state
 

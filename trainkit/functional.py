@@ -1,19 +1,29 @@
-"""The hook points: ``value_and_grad`` and the step context the transforms set.
+"""The hook points: ``value_and_grad``, ``apply_gradients`` and the step context the transforms set.
 
 A step written with :func:`value_and_grad` and :meth:`TrainState.apply_gradients`
 works under every trainkit transform, because those two functions are where the
 transforms reach into the step:
 
 * a transform that must see the loss before backward (fp16 loss scaling) or the
-  gradients after it (unscaling, all-reduce) pushes a :class:`StepHook` with
+  gradients after it (unscaling, all-reduce) installs a :class:`StepHook` with
   :func:`hooks`; ``value_and_grad`` calls it;
-* a transform that may veto an optimizer update (a skipped fp16 step) answers
-  ``StepHook.allow_update``; ``apply_gradients`` asks it;
+* a hook may veto an update (:meth:`StepHook.skip_update`: a skipped fp16 step), or
+  say that this call's update is thrown away (:meth:`StepHook.applies_update`: a
+  data_parallel replica other than the primary); ``apply_gradients`` asks both;
 * :func:`donating` says the caller gives the state away, so ``apply_gradients``
   may update it in place.
 
+**Scope.** Hooks see only the gradient of the loss with respect to the state's own
+params: ``hooks(..., params=state.params)`` names them, and ``value_and_grad`` runs
+the hooks only when it differentiates with respect to a dict with exactly those
+names, in that order (``tk.value_and_grad(loss_fn)(state.params)``). Any other
+differentiation in a step (an input-gradient metric, a penalty on the inputs) is
+plain math: no transform sees it.
+
 This is JAX's named-axis idea: a transform sets a context that these primitives
-read, and the step itself stays a plain function.
+read, and the step itself stays a plain function. The context is one immutable
+:class:`StepContext`; :func:`current_context` reads it and :func:`use_context`
+re-enters it (``tk.jit`` does, so the primitives read it while torch.compile traces).
 """
 
 from __future__ import annotations
@@ -21,23 +31,41 @@ from __future__ import annotations
 import contextlib
 import contextvars
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor
 
-__all__ = ["StepHook", "hooks", "donating", "is_donating", "value_and_grad", "grad"]
+__all__ = [
+    "StepHook",
+    "StepContext",
+    "hooks",
+    "donating",
+    "is_donating",
+    "current_context",
+    "use_context",
+    "hooked",
+    "value_and_grad",
+    "grad",
+]
 
 Params = dict[str, Tensor]
 
 
 class StepHook:
-    """Base class of the hooks a transform installs with :func:`hooks`.
+    """Base class of the hooks a transform installs with :func:`hooks` (for transform authors).
 
     Every method has a do-nothing default, so a hook overrides only what it needs.
     Hooks nest: the innermost ``hooks(...)`` block is closest to the step, and sees
     the loss first and the gradients last (as function composition would).
+
+    Class attributes: ``owner`` names the transform (for error messages) and
+    ``traceable`` says whether a step under this hook can be compiled by ``tk.jit``
+    (``False`` for hooks that wait on other threads or processes).
     """
+
+    owner: str = "a StepHook"
+    traceable: bool = True
 
     def loss(self, loss: Tensor, params: Sequence[Tensor]) -> Tensor:
         """Called with the scalar loss before backward; returns the loss to differentiate."""
@@ -47,34 +75,80 @@ class StepHook:
         """Called with the gradients after backward; returns the gradients to use."""
         return grads
 
-    def allow_update(self, grads: list[Tensor]) -> bool:
-        """Asked by ``apply_gradients`` before updating; ``False`` skips the update."""
+    def skip_update(self, grads: Mapping[str, Tensor]) -> bool:
+        """``True`` vetoes this update (e.g. non-finite fp16 gradients): params stay, schedules hold."""
+        return False
+
+    def applies_update(self) -> bool:
+        """``False`` when this call's update is thrown away (a data_parallel replica other than the
+        primary): ``apply_gradients`` then does no optimizer work at all."""
         return True
 
 
 @dataclass(frozen=True)
-class _Context:
+class StepContext:
+    """What the hook points read: the hooks (outermost first), whether the state is donated,
+    and ``scope``, the names of the params whose gradient the hooks see (``None``: no scope)."""
+
     hooks: tuple[StepHook, ...] = ()
     donate: bool = False
+    scope: tuple[str, ...] | None = None
 
 
-_CTX: contextvars.ContextVar[_Context] = contextvars.ContextVar("trainkit_ctx", default=_Context())
+_EMPTY = StepContext()
+_CTX: contextvars.ContextVar[StepContext] = contextvars.ContextVar("trainkit_ctx", default=_EMPTY)
 
 
-# torch.compile cannot trace a ContextVar. While trainkit.jit traces a step, the
-# context lives on this plain stack instead: jit pushes the caller's context, and
-# hooks()/donating() inside the traced step push and pop here.
-_TRACED: list[_Context] = []
+# torch.compile cannot trace a ContextVar. While tk.jit traces a step, the context
+# lives on this plain stack instead: use_context pushes it, and hooks()/donating()
+# inside the traced step push and pop here.
+_TRACED: list[StepContext] = []
 
 
-def _context() -> _Context:
+def current_context() -> StepContext:
+    """The step context in force here (hooks, donation, scope).
+
+    >>> import trainkit as tk
+    >>> tk.current_context().hooks, tk.current_context().donate
+    ((), False)
+    """
     if torch.compiler.is_compiling():
-        return _TRACED[-1] if _TRACED else _Context()
+        return _TRACED[-1] if _TRACED else _EMPTY
     return _CTX.get()
 
 
 @contextlib.contextmanager
-def _entered(new: _Context) -> Iterator[None]:
+def use_context(ctx: StepContext) -> Iterator[None]:
+    """Run the block under ``ctx``, also what ``torch.compile`` traces in it (for transform authors).
+
+    ``tk.jit`` calls its compiled step inside ``use_context(current_context())``:
+    the hook points then read the caller's context while dynamo traces.
+
+    >>> import trainkit as tk
+    >>> with tk.use_context(tk.StepContext(donate=True)):
+    ...     tk.is_donating()
+    True
+    """
+    if not isinstance(ctx, StepContext):
+        raise TypeError(f"use_context: expected a StepContext, got {type(ctx).__name__}. Read one with tk.current_context().")
+    if torch.compiler.is_compiling():
+        _TRACED.append(ctx)
+        try:
+            yield
+        finally:
+            _TRACED.pop()
+        return
+    token = _CTX.set(ctx)
+    _TRACED.append(ctx)
+    try:
+        yield
+    finally:
+        _TRACED.pop()
+        _CTX.reset(token)
+
+
+@contextlib.contextmanager
+def _entered(new: StepContext) -> Iterator[None]:
     if torch.compiler.is_compiling():
         _TRACED.append(new)
         try:
@@ -90,23 +164,34 @@ def _entered(new: _Context) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def hooks(*new: StepHook) -> Iterator[None]:
-    """Install step hooks for the duration of the block (for transform authors).
+def hooks(*new: StepHook, params: Mapping[str, Tensor]) -> Iterator[None]:
+    """Install step hooks for the block, scoped to the gradient with respect to ``params`` (for transform authors).
+
+    ``params`` is the params dict of the state the transform hands to its step
+    (``state.params``): ``value_and_grad`` runs the hooks only when it differentiates
+    with respect to a dict with the same names, so other gradients in the step stay plain.
 
     >>> import trainkit as tk, torch
     >>> class Double(tk.StepHook):
     ...     def grads(self, grads, params):
     ...         return [2 * g for g in grads]
-    >>> with tk.hooks(Double()):
-    ...     loss, g = tk.value_and_grad(lambda p: (p["w"] ** 2).sum())({"w": torch.ones(2)})
-    >>> g["w"].tolist()
-    [4.0, 4.0]
+    >>> params = {"w": torch.ones(2)}
+    >>> with tk.hooks(Double(), params=params):
+    ...     g = tk.grad(lambda p: (p["w"] ** 2).sum())(params)
+    ...     x = tk.grad(lambda i: (i["x"] ** 2).sum())({"x": torch.ones(2)})  # not the params: not hooked
+    >>> g["w"].tolist(), x["x"].tolist()
+    ([4.0, 4.0], [2.0, 2.0])
     """
     for h in new:
         if not isinstance(h, StepHook):
-            raise TypeError(f"hooks: expected StepHook instances, got {type(h).__name__}")
-    ctx = _context()
-    with _entered(_Context(hooks=ctx.hooks + tuple(new), donate=ctx.donate)):
+            raise TypeError(f"hooks: expected StepHook instances, got {type(h).__name__}. Subclass tk.StepHook.")
+    if not isinstance(params, Mapping):
+        raise TypeError(
+            f"hooks: params must be the params dict whose gradient the hooks see, got {type(params).__name__}. "
+            "Pass params=state.params."
+        )
+    ctx = current_context()
+    with _entered(StepContext(hooks=ctx.hooks + tuple(new), donate=ctx.donate, scope=tuple(params))):
         yield
 
 
@@ -125,14 +210,30 @@ def donating(donate: bool = True) -> Iterator[None]:
     ...     tk.is_donating()
     True
     """
-    ctx = _context()
-    with _entered(_Context(hooks=ctx.hooks, donate=bool(donate))):
+    ctx = current_context()
+    with _entered(StepContext(hooks=ctx.hooks, donate=bool(donate), scope=ctx.scope)):
         yield
 
 
 def is_donating() -> bool:
     """Whether the current step may update its input state in place (see :func:`donating`)."""
-    return _context().donate
+    return current_context().donate
+
+
+def hooked(params: Mapping[str, Tensor]) -> tuple[StepHook, ...]:
+    """The hooks that apply to a gradient with respect to ``params``: all of them when ``params``
+    has the scope's names in order, none otherwise.
+
+    >>> import trainkit as tk, torch
+    >>> p = {"w": torch.ones(1)}
+    >>> with tk.hooks(tk.StepHook(), params=p):
+    ...     len(tk.hooked(p)), len(tk.hooked({"x": torch.ones(1)}))
+    (1, 0)
+    """
+    ctx = current_context()
+    if not ctx.hooks or ctx.scope is None or len(ctx.scope) != len(params) or tuple(params) != ctx.scope:
+        return ()
+    return ctx.hooks
 
 
 def _check_loss(loss: Any) -> Tensor:
@@ -160,8 +261,9 @@ def value_and_grad(
     ``params`` is a dict of tensors (``state.params``). ``fn`` returns a scalar loss,
     or ``(loss, aux)`` when ``has_aux=True``. The result is ``(loss, grads)`` or
     ``((loss, aux), grads)``, with ``grads`` a dict shaped like ``params``. Hooks
-    installed by transforms (loss scaling, gradient reduction) run here. The
-    caller's tensors are never changed and no ``.grad`` attribute is written.
+    installed by transforms (loss scaling, gradient reduction) run here when
+    ``params`` is the state's params (see :func:`hooks`); any other gradient is plain.
+    The caller's tensors are never changed and no ``.grad`` attribute is written.
 
     >>> import torch, trainkit as tk
     >>> loss, g = tk.value_and_grad(lambda p, x: (p["w"] * x).sum())({"w": torch.ones(3)}, torch.arange(3.0))
@@ -194,9 +296,9 @@ def value_and_grad(
             else:
                 loss, aux = out, None
             loss = _check_loss(loss)
-            ctx = _context()
+            active = hooked(params)
             differentiated = loss
-            for h in reversed(ctx.hooks):  # innermost transform sees the loss first
+            for h in reversed(active):  # innermost transform sees the loss first
                 differentiated = h.loss(differentiated, leaves)
             if not differentiated.requires_grad:
                 raise ValueError(
@@ -208,7 +310,7 @@ def value_and_grad(
         for i, (g, p) in enumerate(zip(grads, leaves)):
             if g is None:
                 grads[i] = torch.zeros_like(p)
-        for h in ctx.hooks:
+        for h in active:
             grads = h.grads(grads, leaves)
         result = (loss.detach(), aux) if has_aux else loss.detach()
         return result, dict(zip(names, grads))

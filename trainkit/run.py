@@ -5,6 +5,11 @@ transform such as ``early_stop(monitor="val_loss")`` wraps it exactly as it wrap
 a batch step. ``fit`` takes no feature flags: features are transforms, loggers,
 a checkpointer and the arguments of the fold.
 
+``fit`` is a flat loop over small observers, each owning its own counters: the
+progress bar, the logger, the finite check, the checkpointer, the step limit and
+the stop request. One :class:`RunPosition` owns what a checkpoint records of where
+the run is (epoch, batch, history, the epoch's running means).
+
 Host syncs: a step never reads a tensor on the host. ``fit`` reads metrics on the
 host every ``log_every`` steps and at the end of an epoch. On the CPU a read costs
 nothing (there is no device to wait for), so there metrics become floats at once.
@@ -12,7 +17,6 @@ nothing (there is no device to wait for), so there metrics become floats at once
 
 from __future__ import annotations
 
-import math
 import os
 import sys
 from dataclasses import dataclass, field
@@ -21,113 +25,27 @@ from typing import Any, Callable, Iterable, Mapping, Union
 import torch
 from torch import Tensor
 
+from . import dist
+from .contract import EpochData, batch_size, check_eval_output, check_step_output, gauges_of, is_epoch_step
 from .functional import donating
-from .state import TrainState, _derive_seed
+from .metrics import Mean, check_finite, to_floats
+from .rng import derive_seed
+from .state import TrainState
 
-__all__ = ["EpochData", "epoch_step", "is_epoch_step", "fit", "evaluate", "should_stop", "StepFn", "EvalFn"]
+__all__ = ["EpochData", "epoch_step", "is_epoch_step", "fit", "evaluate", "should_stop", "RunPosition", "StepFn", "EvalFn"]
 
 StepFn = Callable[[TrainState, Any], "tuple[TrainState, dict[str, Any]]"]
 EvalFn = Callable[[TrainState, Any], "dict[str, Any]"]
 
 
-# --------------------------------------------------------------------------- checks
-
-
-def _check_step_output(out: Any, where: str = "step_fn") -> tuple[TrainState, Mapping[str, Any]]:
-    if type(out) is not tuple or len(out) != 2 or not isinstance(out[0], TrainState) or not isinstance(out[1], Mapping):
-        got = type(out).__name__
-        if isinstance(out, tuple):
-            got = "tuple(" + ", ".join(type(o).__name__ for o in out) + ")"
-        raise TypeError(
-            f"{where} must return (state, metrics): a TrainState and a dict of scalar tensors, got {got}. "
-            'Return e.g. (state.apply_gradients(grads), {"loss": loss}).'
-        )
-    return out
-
-
-def _check_eval_output(out: Any) -> Mapping[str, Any]:
-    if not isinstance(out, Mapping):
-        raise TypeError(
-            f"eval_step must return a dict of scalar metrics, got {type(out).__name__}. "
-            'Return e.g. {"loss": loss, "acc": acc}.'
-        )
-    return out
-
-
-def batch_size(batch: Any) -> int:
-    """The size of the first dimension of the first tensor in ``batch`` (1 if there is none).
-
-    >>> import torch
-    >>> batch_size((torch.zeros(5, 2), torch.zeros(5)))
-    5
-    """
-    if isinstance(batch, Tensor):
-        return int(batch.shape[0]) if batch.dim() else 1
-    if isinstance(batch, Mapping):
-        batch = list(batch.values())
-    if isinstance(batch, (list, tuple)):
-        for b in batch:
-            if isinstance(b, (Tensor, list, tuple, Mapping)):
-                return batch_size(b)
-    return 1
-
-
-class _Mean:
-    """Weighted means of metrics. Floats on the CPU; device tensors elsewhere (no sync)."""
-
-    def __init__(self) -> None:
-        self.sums: dict[str, Any] = {}
-        self.count = 0
-
-    def add(self, metrics: Mapping[str, Any], n: int) -> None:
-        self.count += n
-        sums = self.sums
-        for k, v in metrics.items():
-            if isinstance(v, Tensor):
-                if v.numel() != 1:
-                    raise ValueError(
-                        f"metric {k!r} must be a scalar, got shape {tuple(v.shape)}; reduce it, e.g. .mean()."
-                    )
-                v = v.detach()
-                v = v.item() if v.device.type == "cpu" else v.reshape(()).float()
-            prev = sums.get(k)
-            sums[k] = v * n if prev is None else prev + v * n
-
-    def result(self) -> dict[str, Any]:
-        return {k: v / self.count for k, v in self.sums.items()} if self.count else {}
-
-
-def _to_floats(metrics: Mapping[str, Any]) -> dict[str, float]:
-    # This is a host sync point on accelerators; fit calls it at log intervals only.
-    return {k: float(v) for k, v in metrics.items()}
-
-
 # --------------------------------------------------------------------------- the epoch fold
-
-
-@dataclass
-class EpochData:
-    """What an epoch step consumes: the loaders, and the runner's per-step callback.
-
-    ``on_step(state, metrics, n) -> bool`` is called after every train step (the
-    runner logs and checkpoints there; ``True`` ends the epoch early). ``skip`` train
-    batches are drawn and dropped first (to resume mid-epoch exactly). ``train_mean``,
-    when given, is the running mean of the epoch's train metrics: the runner owns it
-    so that a mid-epoch checkpoint holds it and a resumed epoch reports whole-epoch means.
-    """
-
-    train: Iterable[Any]
-    val: Iterable[Any] | None = None
-    epoch: int = 0
-    skip: int = 0
-    on_step: Callable[[TrainState, Mapping[str, Any], int], bool] | None = field(default=None, repr=False)
-    train_mean: Any = field(default=None, repr=False)
 
 
 def epoch_step(step: StepFn, eval_step: EvalFn | None = None) -> Callable[[TrainState, EpochData], tuple[TrainState, dict[str, Any]]]:
     """Fold ``step`` over ``data.train`` (then ``eval_step`` over ``data.val``): an epoch-level step.
 
-    The metrics are the batch-size-weighted means, prefixed ``train_`` and ``val_``.
+    The metrics are the batch-size-weighted means, prefixed ``train_`` and ``val_``
+    (names declared with :func:`trainkit.gauges` keep their last value).
 
     >>> import torch, trainkit as tk
     >>> state = tk.TrainState.create(torch.nn.Linear(1, 1), tk.optim.sgd(0.1))
@@ -140,31 +58,50 @@ def epoch_step(step: StepFn, eval_step: EvalFn | None = None) -> Callable[[Train
     >>> state.step, sorted(m)
     (3, ['train_loss'])
     """
+    if not callable(step):
+        raise TypeError(f"epoch_step: step must be a function (state, batch) -> (state, metrics), got {type(step).__name__}.")
+    if is_epoch_step(step):
+        raise TypeError("epoch_step: step is already an epoch step (it consumes EpochData); pass it to fit as it is.")
+    gauges = gauges_of(step)
 
     def run_epoch(state: TrainState, data: EpochData) -> tuple[TrainState, dict[str, Any]]:
-        train = data.train_mean if data.train_mean is not None else _Mean()
-        on_step = data.on_step
+        if not isinstance(data, EpochData):
+            raise TypeError(_NOT_EPOCH_DATA.format(got=type(data).__name__))
+        train = data.train_mean if data.train_mean is not None else Mean(gauges)
         for i, batch in enumerate(data.train):
             if i < data.skip:
                 continue
-            state, metrics = _check_step_output(step(state, batch))
+            before = state.step
+            state, metrics = check_step_output(step(state, batch), "step_fn")
+            if i == data.skip and state.step == before:
+                raise RuntimeError(_NO_ADVANCE.format(step=before))
             n = batch_size(batch)
             train.add(metrics, n)
-            if on_step is not None and on_step(state, metrics, n):
+            if data.on_step is not None and data.on_step(state, metrics, n):
                 break
-        out = {f"train_{k}": v for k, v in _across_ranks(train).items()}
+        out = {f"train_{k}": v for k, v in train.across_ranks().items()}
         if eval_step is not None and data.val is not None:
-            out.update({f"val_{k}": v for k, v in _evaluate(eval_step, state, data.val, across_ranks=True).items()})
+            out.update({f"val_{k}": v for k, v in _evaluate(eval_step, state, data.val).across_ranks().items()})
         return state, out
 
     run_epoch.__trainkit_level__ = "epoch"  # type: ignore[attr-defined]
+    run_epoch.__trainkit_gauges__ = gauges  # type: ignore[attr-defined]
     run_epoch.__name__ = f"epoch_of_{getattr(step, '__name__', 'step')}"
     return run_epoch
 
 
-def is_epoch_step(fn: Callable[..., Any]) -> bool:
-    """Whether ``fn`` consumes an :class:`EpochData` (made by :func:`epoch_step`, maybe wrapped)."""
-    return getattr(fn, "__trainkit_level__", "batch") == "epoch"
+_NOT_EPOCH_DATA = (
+    "epoch step: called with a {got}, not an EpochData: an epoch step was used as a batch step. "
+    "If you wrapped an epoch step in a function of your own, mark the wrapper as an epoch step too: "
+    "tk.transforms.mark(wrapper, inner, 'my_transform') (or functools.wraps(inner)), so fit passes it EpochData; "
+    "see trainkit.transforms for how to write a transform."
+)
+_NO_ADVANCE = (
+    "fit: the step returned a state whose step did not advance (still {step}): it made no update through "
+    "state.apply_gradients, so training would do nothing. A Lightning-style step (loss.backward(), "
+    "optimizer.step(), returning the state) trains nothing here: compute the gradients with "
+    "tk.value_and_grad(loss_fn)(state.params) and return (state.apply_gradients(grads), metrics)."
+)
 
 
 def should_stop(state: TrainState) -> bool:
@@ -178,27 +115,12 @@ def should_stop(state: TrainState) -> bool:
     return any(isinstance(v, Mapping) and v.get("stop") is True for v in state.slots.values())
 
 
-def _evaluate(eval_step: EvalFn, state: TrainState, loader: Iterable[Any], across_ranks: bool = False) -> dict[str, Any]:
-    mean = _Mean()
+def _evaluate(eval_step: EvalFn, state: TrainState, loader: Iterable[Any]) -> Mean:
+    mean = Mean(gauges_of(eval_step))
     with torch.no_grad():
         for batch in loader:
-            mean.add(_check_eval_output(eval_step(state, batch)), batch_size(batch))
-    return _across_ranks(mean) if across_ranks else mean.result()
-
-
-def _world_size() -> int:
-    dist = torch.distributed
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def _across_ranks(mean: _Mean) -> dict[str, Any]:
-    # Under torch.distributed an epoch's metrics are the means over every rank's batches,
-    # the same on all ranks, so decisions taken on them (early_stop) agree.
-    if _world_size() == 1:
-        return mean.result()
-    from .transforms.distributed import reduce_means
-
-    return reduce_means(mean.sums, mean.count)
+            mean.add(check_eval_output(eval_step(state, batch)), batch_size(batch))
+    return mean
 
 
 def evaluate(eval_step: EvalFn, state: TrainState, loader: Iterable[Any]) -> dict[str, float]:
@@ -209,24 +131,191 @@ def evaluate(eval_step: EvalFn, state: TrainState, loader: Iterable[Any]) -> dic
     >>> tk.evaluate(lambda s, b: {"n": torch.tensor(float(len(b)))}, state, [torch.zeros(1), torch.zeros(3)])
     {'n': 2.5}
     """
-    return _to_floats(_evaluate(eval_step, state, loader))
+    return to_floats(_evaluate(eval_step, state, loader).result())
+
+
+# --------------------------------------------------------------------------- where the run is
+
+
+@dataclass
+class RunPosition:
+    """Where a run is, and all a checkpoint records of it besides the state.
+
+    ``epoch``: epochs completed; ``batch``: batches done in the current epoch (a
+    resumed run draws and drops that many); ``history``: one row per completed epoch;
+    ``mean``: the current epoch's running train means (so a resumed epoch reports
+    whole-epoch means); ``cut``: ``max_steps`` ended the current epoch part-way (then
+    ``epoch`` and ``batch`` still point into it, so a resume continues it).
+
+    >>> p = RunPosition(epoch=2, batch=3)
+    >>> RunPosition.from_meta(p.meta()).epoch, RunPosition.from_meta(p.meta()).batch
+    (2, 3)
+    """
+
+    epoch: int = 0
+    batch: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)
+    mean: Mean = field(default_factory=Mean)
+    cut: bool = False
+
+    def meta(self) -> dict[str, Any]:
+        """The checkpoint's ``meta``: the one shape every checkpoint of a run has."""
+        return {"epoch": self.epoch, "batch": self.batch, "history": list(self.history), "train_mean": self.mean.state_dict()}
+
+    @classmethod
+    def from_meta(cls, meta: Mapping[str, Any], gauges: frozenset[str] = frozenset()) -> "RunPosition":
+        mean = Mean(gauges)
+        # Under torch.distributed only rank 0's sums are saved: a resumed epoch's means then cover
+        # the batches after the resume point (the params are exact either way).
+        if meta.get("train_mean") and meta["batch"] and dist.world_size() == 1:
+            mean.load_state_dict(meta["train_mean"])
+        return cls(epoch=int(meta["epoch"]), batch=int(meta["batch"]), history=list(meta["history"]), mean=mean)
+
+    def start_epoch(self, gauges: frozenset[str]) -> None:
+        if not self.batch:  # a resumed epoch keeps the running means it was saved with
+            self.mean = Mean(gauges)
+        self.cut = False
+
+    def end_epoch(self, row: dict[str, float], partial: bool) -> None:
+        self.history.append(row)
+        if not partial:
+            self.epoch += 1
+            self.batch = 0
+
+
+# --------------------------------------------------------------------------- the observers
+
+
+class _Event:
+    """One train step as the observers see it; the metrics are read on the host at most once."""
+
+    __slots__ = ("state", "metrics", "_scalars")
+
+    def __init__(self, state: TrainState, metrics: Mapping[str, Any]) -> None:
+        self.state, self.metrics, self._scalars = state, metrics, None
+
+    @property
+    def scalars(self) -> dict[str, float]:
+        if self._scalars is None:
+            self._scalars = to_floats(self.metrics)  # a host sync point on accelerators
+        return self._scalars
+
+
+class _Observer:
+    """Does nothing; each observer overrides what it needs. ``step`` returns True to end the epoch."""
+
+    def step(self, event: _Event, position: RunPosition) -> bool:
+        return False
+
+    def epoch(self, state: TrainState, row: dict[str, float], position: RunPosition, partial: bool) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class _Progress(_Observer):
+    def __init__(self, total: int | None, done: int, log_every: int) -> None:
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total, file=sys.stderr, dynamic_ncols=True)
+        self.bar.update(done)
+        self.log_every = log_every
+
+    def step(self, event: _Event, position: RunPosition) -> bool:
+        self.bar.update(1)
+        if event.state.step % self.log_every == 0:
+            self.bar.set_postfix({k: f"{v:.4g}" for k, v in event.scalars.items()}, refresh=False)
+        return False
+
+    def epoch(self, state: TrainState, row: dict[str, float], position: RunPosition, partial: bool) -> None:
+        self.bar.set_postfix({k: f"{v:.4g}" for k, v in row.items() if k.startswith("val_")} or None, refresh=True)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+class _Logging(_Observer):
+    def __init__(self, logger: Any, log_every: int) -> None:
+        self.logger, self.log_every = logger, log_every
+
+    def step(self, event: _Event, position: RunPosition) -> bool:
+        if event.state.step % self.log_every == 0:
+            self.logger.log_metrics({f"train/{k}": v for k, v in event.scalars.items()}, event.state.step)
+        return False
+
+    def epoch(self, state: TrainState, row: dict[str, float], position: RunPosition, partial: bool) -> None:
+        self.logger.log_metrics({f"epoch/{k}": v for k, v in row.items() if k != "step"}, state.step)
+
+    def close(self) -> None:
+        for name in ("flush", "close"):
+            if hasattr(self.logger, name):
+                getattr(self.logger, name)()
+
+
+class _FiniteCheck(_Observer):
+    def __init__(self, log_every: int) -> None:
+        self.log_every = log_every
+
+    def step(self, event: _Event, position: RunPosition) -> bool:
+        # On the CPU reading a metric costs nothing, so every step is checked; on an
+        # accelerator only the log intervals are (a host sync).
+        if event.state.step % self.log_every == 0 or _on_cpu(event.metrics):
+            check_finite(event.scalars, event.state.step)
+        return False
+
+    def epoch(self, state: TrainState, row: dict[str, float], position: RunPosition, partial: bool) -> None:
+        check_finite(row, state.step, epoch=int(row["epoch"]))  # a NaN anywhere in the epoch shows in its means
+
+
+class _Checkpointing(_Observer):
+    def __init__(self, checkpointer: Any, steps_per_epoch: int | None) -> None:
+        self.checkpointer, self.steps_per_epoch = checkpointer, steps_per_epoch
+
+    def step(self, event: _Event, position: RunPosition) -> bool:
+        if position.cut and position.batch != self.steps_per_epoch:
+            # max_steps cut this epoch: save it now, before validation and epoch-level transforms
+            # (early_stop) count an evaluation of the part-epoch; resume continues the epoch here.
+            self.checkpointer.save(event.state, meta=position.meta())
+        elif self.checkpointer.due_step(event.state.step):
+            self.checkpointer.save(event.state, meta=position.meta())
+        return False
+
+    def epoch(self, state: TrainState, row: dict[str, float], position: RunPosition, partial: bool) -> None:
+        if not partial and self.checkpointer.due_epoch(position.epoch):
+            self.checkpointer.save(state, meta=position.meta())
+
+
+class _StepLimit(_Observer):
+    def __init__(self, max_steps: int | None) -> None:
+        self.max_steps = max_steps
+
+    def step(self, event: _Event, position: RunPosition) -> bool:
+        position.cut = self.max_steps is not None and event.state.step >= self.max_steps
+        return position.cut
+
+
+class _StopRequest(_Observer):
+    """Ends the run when a transform's slot asks (:func:`should_stop`), at the step or the epoch."""
+
+    def __init__(self) -> None:
+        self.stopped = False
+
+    def step(self, event: _Event, position: RunPosition) -> bool:
+        self.stopped = self.stopped or should_stop(event.state)
+        return self.stopped
+
+    def epoch(self, state: TrainState, row: dict[str, float], position: RunPosition, partial: bool) -> None:
+        self.stopped = self.stopped or should_stop(state)
+
+
+def _on_cpu(metrics: Mapping[str, Any]) -> bool:
+    for v in metrics.values():
+        return not isinstance(v, Tensor) or v.device.type == "cpu"
+    return True
 
 
 # --------------------------------------------------------------------------- fit
-
-
-def _is_main_process() -> bool:
-    dist = torch.distributed
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
-
-
-def _interactive() -> bool:
-    if sys.stderr is not None and hasattr(sys.stderr, "isatty") and sys.stderr.isatty():
-        return True
-    # A notebook: stderr is no tty, but what it prints is shown under the cell.
-    ipython = sys.modules.get("IPython")
-    shell = ipython.get_ipython() if ipython is not None and hasattr(ipython, "get_ipython") else None
-    return type(shell).__name__ == "ZMQInteractiveShell"
 
 
 def fit(
@@ -256,13 +345,15 @@ def fit(
       its own copy to every step (in-place updates, no extra copies).
     * ``logger``: a :class:`~trainkit.loggers.TensorBoardLogger`, :class:`~trainkit.loggers.CSVLogger`
       or anything with ``log_metrics(metrics, step)``; step metrics every ``log_every``
-      steps, epoch metrics every epoch.
+      steps, epoch metrics every epoch; flushed and closed at the end (trainkit's
+      loggers reopen if written to again).
     * ``checkpoint``: a :class:`~trainkit.checkpoint.Checkpointer` (atomic, keep-last-N);
       ``resume="latest"`` (or a file) continues a run exactly, mid-epoch included.
     * ``check_finite``: a NaN/inf metric raises ``FloatingPointError`` naming the step;
       checkpoints already written stay intact.
     * The run stops early when a transform says so (:func:`should_stop`).
     * Shuffling is seeded from ``(state.rng, epoch)``, so a resumed run sees the same batches.
+    * A step that does not advance ``state.step`` (no ``apply_gradients``) is an error at once.
 
     >>> import torch, trainkit as tk
     >>> state = tk.TrainState.create(torch.nn.Linear(1, 1), tk.optim.sgd(0.1))
@@ -274,6 +365,112 @@ def fit(
     >>> new.step, state.step, [h["epoch"] for h in history]
     (10, 0, [1, 2])
     """
+    _check_fit_args(step, state, epochs, max_steps, eval_step, val_loader, log_every)
+    epoch_fn = step if is_epoch_step(step) else epoch_step(step, eval_step)
+    gauges = gauges_of(epoch_fn)
+    state, position, resumed = _start(state, checkpoint, resume, gauges)
+    if dist.world_size() > 1:
+        # Each rank trains on its shard, reshuffled per epoch by (state.rng, epoch) (set_epoch below).
+        train_loader = dist.shard_loader(train_loader, train=True, seed=derive_seed(state.rng, "shard") % (1 << 62))
+        val_loader = None if val_loader is None else dist.shard_loader(val_loader, train=False)
+    steps_per_epoch = _len(train_loader)
+    stop = _StopRequest()
+    stop.stopped = resumed and should_stop(state)  # a run that stopped early stays stopped when resumed
+    # the step limit first: the checkpointer reads whether this step cut the epoch
+    chosen = _observers(state, logger, checkpoint, progress, check_finite, log_every, epochs, max_steps, steps_per_epoch)
+    observers = [_StepLimit(max_steps), *chosen, stop]
+    try:
+        with donating():
+            while (epochs is None or position.epoch < epochs) and not stop.stopped:
+                if max_steps is not None and state.step >= max_steps:
+                    break
+                state = _run_epoch(epoch_fn, state, train_loader, val_loader, position, observers, steps_per_epoch, gauges)
+    finally:
+        for o in observers:
+            o.close()
+    return state, position.history
+
+
+def _run_epoch(
+    epoch_fn: Callable[..., Any],
+    state: TrainState,
+    train_loader: Iterable[Any],
+    val_loader: Iterable[Any] | None,
+    position: RunPosition,
+    observers: list[_Observer],
+    steps_per_epoch: int | None,
+    gauges: frozenset[str],
+) -> TrainState:
+    position.start_epoch(gauges)
+
+    def on_step(s: TrainState, metrics: Mapping[str, Any], n: int) -> bool:
+        position.batch += 1
+        event = _Event(s, metrics)
+        ends = [o.step(event, position) for o in observers]  # every observer sees every step
+        return any(ends)
+
+    sampler = getattr(train_loader, "sampler", None)
+    if hasattr(sampler, "set_epoch"):
+        sampler.set_epoch(position.epoch)
+    data = EpochData(
+        train=train_loader, val=val_loader, epoch=position.epoch, skip=position.batch, on_step=on_step, train_mean=position.mean
+    )
+    # The shuffle order of this epoch is a function of (state.rng, epoch).
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(derive_seed(state.rng, "shuffle", position.epoch))
+        state, metrics = check_step_output(epoch_fn(state, data), "epoch step")
+    partial = position.cut and position.batch != steps_per_epoch
+    row = {"epoch": position.epoch + 1, "step": state.step, **to_floats(metrics)}
+    position.end_epoch(row, partial)
+    for o in observers:
+        o.epoch(state, row, position, partial)
+    return state
+
+
+def _observers(
+    state: TrainState,
+    logger: Any,
+    checkpoint: Any,
+    progress: bool,
+    check_finite: bool,
+    log_every: int,
+    epochs: int | None,
+    max_steps: int | None,
+    steps_per_epoch: int | None,
+) -> list[_Observer]:
+    main = dist.is_main_process()
+    out: list[_Observer] = []
+    if check_finite:
+        out.append(_FiniteCheck(log_every))
+    if progress and main and _interactive():
+        total = max_steps if epochs is None else (steps_per_epoch * epochs if steps_per_epoch else None)
+        out.append(_Progress(total, state.step, log_every))
+    if logger is not None and main:
+        out.append(_Logging(logger, log_every))
+    if checkpoint is not None and main:
+        out.append(_Checkpointing(checkpoint, steps_per_epoch))
+    return out
+
+
+def _start(state: TrainState, checkpoint: Any, resume: Any, gauges: frozenset[str]) -> tuple[TrainState, RunPosition, bool]:
+    """The state and position the run starts from: a checkpoint's, or a copy of the caller's."""
+    path = None
+    if resume is not None:
+        if checkpoint is None and str(resume) == "latest":
+            raise ValueError('fit: resume="latest" needs checkpoint=Checkpointer(directory).')
+        # "latest" with no checkpoint yet starts afresh, so one command both starts and resumes a run
+        path = checkpoint.latest() if str(resume) == "latest" else resume
+    if path is None:
+        return state.clone(), RunPosition(mean=Mean(gauges)), False  # fit donates its own copy
+    from .checkpoint import load_run
+
+    state, meta = load_run(path, like=state)  # new tensors: nothing of the caller's is donated
+    return state, RunPosition.from_meta(meta, gauges), True
+
+
+def _check_fit_args(
+    step: Any, state: Any, epochs: Any, max_steps: Any, eval_step: Any, val_loader: Any, log_every: Any
+) -> None:
     if not callable(step):
         raise TypeError(f"fit: step must be a function (state, batch) -> (state, metrics), got {type(step).__name__}.")
     if not isinstance(state, TrainState):
@@ -284,144 +481,25 @@ def fit(
     if epochs is None and max_steps is None:
         raise ValueError("fit: give epochs=N or max_steps=N (or both) to say when to stop.")
     for name, v in (("epochs", epochs), ("max_steps", max_steps), ("log_every", log_every)):
-        if v is not None and (not isinstance(v, int) or v < 1):
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
             raise ValueError(f"fit: {name} must be a positive int, got {v!r}.")
     if eval_step is not None and is_epoch_step(step):
         raise ValueError("fit: step is an epoch step, which runs its own evaluation; pass eval_step to tk.epoch_step instead.")
     if val_loader is not None and eval_step is None and not is_epoch_step(step):
         raise ValueError("fit: val_loader given without eval_step; pass eval_step=(state, batch) -> metrics.")
-    main = _is_main_process()
-    epoch_fn = step if is_epoch_step(step) else epoch_step(step, eval_step)
 
-    history: list[dict[str, float]] = []
-    start_epoch, skip = 0, 0
-    path, resumed_mean = None, None
-    if resume is not None:
-        if checkpoint is None and str(resume) == "latest":
-            raise ValueError('fit: resume="latest" needs checkpoint=Checkpointer(directory).')
-        # "latest" with no checkpoint yet starts afresh, so one command both starts and resumes a run
-        path = checkpoint.latest() if str(resume) == "latest" else resume
-    if path is not None:
-        from .checkpoint import load_run
 
-        state, meta = load_run(path, like=state)  # new tensors: nothing of the caller's is donated
-        start_epoch, skip, history = meta["epoch"], meta["batch"], list(meta["history"])
-        resumed_mean = meta.get("train_mean")
-    else:
-        state = state.clone()  # fit donates its own copy; the caller's state stays intact
-    if _world_size() > 1:
-        # Each rank trains on its shard, reshuffled per epoch by (state.rng, epoch) (set_epoch below).
-        from .transforms.distributed import shard_loader
-
-        train_loader = shard_loader(train_loader, train=True, seed=_derive_seed(state.rng, -1) % (1 << 62))
-        val_loader = None if val_loader is None else shard_loader(val_loader, train=False)
-
-    total = max_steps if epochs is None else None
+def _len(loader: Iterable[Any]) -> int | None:
     try:
-        steps_per_epoch: int | None = len(train_loader)  # type: ignore[arg-type]
+        return len(loader)  # type: ignore[arg-type]
     except TypeError:
-        steps_per_epoch = None
-    bar = None
-    if progress and main and _interactive():
-        from tqdm import tqdm
-
-        bar = tqdm(total=total or (steps_per_epoch * epochs if steps_per_epoch and epochs else None), file=sys.stderr, dynamic_ncols=True)
-        bar.update(state.step)
-
-    epoch = start_epoch
-    stopped = path is not None and should_stop(state)  # a run that stopped early stays stopped when resumed
-    try:
-        with donating():
-            while (epochs is None or epoch < epochs) and not stopped:
-                if max_steps is not None and state.step >= max_steps:
-                    break
-                position = {"batch": skip, "cut": False}  # cut: max_steps ended this epoch part-way
-                mean = _Mean()
-                if resumed_mean and skip and _world_size() == 1:
-                    # the batches before the resume point count in this epoch's means, as uninterrupted
-                    # (under torch.distributed only rank 0's sums are saved: the resumed epoch's means
-                    # then cover the batches after the resume point)
-                    mean.sums = {k: float(v) for k, v in resumed_mean["sums"].items()}
-                    mean.count = int(resumed_mean["count"])
-                resumed_mean = None
-
-                def on_step(s: TrainState, metrics: Mapping[str, Any], n: int) -> bool:
-                    nonlocal stopped
-                    position["batch"] += 1
-                    gstep = s.step
-                    if bar is not None:
-                        bar.update(1)
-                    log_now = gstep % log_every == 0
-                    # On the CPU reading a metric costs nothing, so check_finite looks at
-                    # every step; on an accelerator it looks at log intervals (a host sync).
-                    if log_now or (check_finite and _on_cpu(metrics)):
-                        scalars = _to_floats(metrics)
-                        if check_finite:
-                            _check_finite(scalars, gstep)
-                        if log_now:
-                            if logger is not None and main:
-                                logger.log_metrics({f"train/{k}": v for k, v in scalars.items()}, gstep)
-                            if bar is not None:
-                                bar.set_postfix({k: f"{v:.4g}" for k, v in scalars.items()}, refresh=False)
-                    if checkpoint is not None and checkpoint.due_step(gstep) and main:
-                        checkpoint.save(s, meta={"epoch": epoch, "batch": position["batch"], "history": history, **_running(mean)})
-                    if should_stop(s):
-                        stopped = True
-                    if max_steps is not None and gstep >= max_steps:
-                        position["cut"] = True
-                        return True
-                    return stopped
-
-                sampler = getattr(train_loader, "sampler", None)
-                if hasattr(sampler, "set_epoch"):
-                    sampler.set_epoch(epoch)
-                data = EpochData(train=train_loader, val=val_loader, epoch=epoch, skip=skip, on_step=on_step, train_mean=mean)
-                # The shuffle order of this epoch is a function of (state.rng, epoch).
-                with torch.random.fork_rng(devices=[]):
-                    torch.manual_seed(_derive_seed(state.rng, -1 - epoch))
-                    state, metrics = _check_step_output(epoch_fn(state, data), "epoch step")
-                skip = 0
-                partial = position["cut"] and position["batch"] != steps_per_epoch
-                if not partial:
-                    epoch += 1
-                row = {"epoch": epoch + partial, "step": state.step, **_to_floats(metrics)}
-                if check_finite:  # a NaN anywhere in the epoch shows in its means
-                    _check_finite(row, state.step, epoch=epoch)
-                history.append(row)
-                if logger is not None and main:
-                    logger.log_metrics({f"epoch/{k}": v for k, v in row.items() if k not in ("step",)}, state.step)
-                if bar is not None:
-                    bar.set_postfix({k: f"{v:.4g}" for k, v in row.items() if k.startswith("val_")} or None, refresh=True)
-                if checkpoint is not None and main and partial:
-                    # resume continues this epoch where max_steps cut it; its row is redone then
-                    checkpoint.save(state, meta={"epoch": epoch, "batch": position["batch"], "history": history[:-1], **_running(mean)})
-                elif checkpoint is not None and main and checkpoint.due_epoch(epoch):
-                    checkpoint.save(state, meta={"epoch": epoch, "batch": 0, "history": history})
-                stopped = stopped or should_stop(state)
-    finally:
-        if bar is not None:
-            bar.close()
-        if logger is not None and main and hasattr(logger, "flush"):
-            logger.flush()
-    return state, history
+        return None
 
 
-def _running(mean: _Mean) -> dict[str, Any]:
-    return {"train_mean": {"sums": dict(mean.sums), "count": mean.count}}
-
-
-def _on_cpu(metrics: Mapping[str, Any]) -> bool:
-    for v in metrics.values():
-        return not isinstance(v, Tensor) or v.device.type == "cpu"
-    return True
-
-
-def _check_finite(scalars: Mapping[str, float], step: int, epoch: int | None = None) -> None:
-    for k, value in scalars.items():
-        if not math.isfinite(value):
-            where = f"in epoch {epoch} (by step {step})" if epoch is not None else f"at step {step}"
-            raise FloatingPointError(
-                f"fit: metric {k!r} is {value} {where} (check_finite=True). "
-                "Lower the learning rate, clip gradients (optim.chain(optim.clip_by_global_norm(1.0), ...)), "
-                "or check the data; checkpoints written so far are intact."
-            )
+def _interactive() -> bool:
+    if sys.stderr is not None and hasattr(sys.stderr, "isatty") and sys.stderr.isatty():
+        return True
+    # A notebook: stderr is no tty, but what it prints is shown under the cell.
+    ipython = sys.modules.get("IPython")
+    shell = ipython.get_ipython() if ipython is not None and hasattr(ipython, "get_ipython") else None
+    return type(shell).__name__ == "ZMQInteractiveShell"

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import hashlib
 import threading
-import weakref
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -15,49 +13,45 @@ from torch import Tensor, nn
 from torch.utils import _pytree as pytree
 
 from . import optim as _optim
-from .functional import _context
+from .functional import current_context, hooked
+from .rng import derive_seed, seeded
 
-__all__ = ["TrainState"]
-
-
-def _derive_seed(seed: int, step: int) -> int:
-    # A counter-based seed, as JAX's fold_in: a function of (seed, step) only, so
-    # the dropout masks of step k do not depend on how we got to step k.
-    digest = hashlib.blake2b(f"{seed}:{step}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+__all__ = ["TrainState", "to_module", "traced_module"]
 
 
 class _Binder:
-    """Points the parameters and buffers of a private copy of a module at given tensors.
+    """Points the parameters and buffers of one thread's copy of the skeleton at given tensors.
 
-    The copy (tensors on the meta device until bound) is what eager steps call, so the
-    user's module is never rebound. Re-binding only when the tensors change keeps the
+    Each thread (data_parallel runs its replicas in threads) binds its own copy, so the
+    skeleton itself stays tensor-less. Re-binding only when the tensors change keeps the
     donated path (same tensors every step) as cheap as calling the module directly.
     """
 
-    def __init__(self, user_module: nn.Module) -> None:
-        self.module = module = _meta_copy(user_module)
-        self.slots_p = [_split(module, n) for n, _ in module.named_parameters(remove_duplicate=False)]
-        self.slots_b = [_split(module, n) for n, _ in module.named_buffers(remove_duplicate=False)]
-        self.names_p = [n for n, _ in module.named_parameters(remove_duplicate=False)]
-        self.names_b = [n for n, _ in module.named_buffers(remove_duplicate=False)]
+    def __init__(self, skeleton: nn.Module) -> None:
+        self.module = module = _meta_copy(skeleton)
+        # (module, attribute, unique name) for every occurrence: tied weights appear twice here
+        self.slots_p = _slots(module, module.named_parameters(remove_duplicate=False), module.named_parameters())
+        self.slots_b = _slots(module, module.named_buffers(remove_duplicate=False), module.named_buffers())
         self.bound: tuple = ()
         self.training: bool | None = None
 
     def bind(self, params: Mapping[str, Tensor], buffers: Mapping[str, Tensor], train: bool) -> nn.Module:
-        p = [params[n] for n in self.names_p]
-        b = [buffers[n] for n in self.names_b]
-        key = (*p, *b)
+        key = (*(params[n] for _, _, n in self.slots_p), *(buffers[n] for _, _, n in self.slots_b))
         if len(key) != len(self.bound) or any(x is not y for x, y in zip(key, self.bound)):
-            for (mod, attr), t in zip(self.slots_p, p):
-                mod._parameters[attr] = t
-            for (mod, attr), t in zip(self.slots_b, b):
-                mod._buffers[attr] = t
+            for (mod, attr, n) in self.slots_p:
+                mod._parameters[attr] = params[n]
+            for (mod, attr, n) in self.slots_b:
+                mod._buffers[attr] = buffers[n]
             self.bound = key
         if self.training is not train:
             self.module.train(train)
             self.training = train
         return self.module
+
+
+def _slots(module: nn.Module, every: Any, unique: Any) -> list[tuple[nn.Module, str, str]]:
+    canonical = {id(t): n for n, t in unique}
+    return [(*_split(module, n), canonical[id(t)]) for n, t in every]
 
 
 def _split(module: nn.Module, name: str) -> tuple[nn.Module, str]:
@@ -78,8 +72,9 @@ class TrainState:
     step ``k`` is a function of ``(rng, k)`` only) and ``slots`` (one entry per
     transform that keeps state, e.g. ``slots["mixed_precision"]``).
 
-    Static (not children): ``module`` (used as a function only: its own tensors are
-    never read) and ``tx`` (the optimizer). Change a state with :meth:`replace`.
+    Static (not children): ``module`` (a tensor-less skeleton of the module given to
+    :meth:`create`, used as a function) and ``tx`` (the optimizer). Change a state
+    with :meth:`replace`.
 
     >>> import torch, trainkit as tk
     >>> state = tk.TrainState.create(torch.nn.Linear(2, 1), tk.optim.sgd(0.1))
@@ -111,10 +106,12 @@ class TrainState:
     ) -> "TrainState":
         """Make the initial state of ``module`` trained by ``tx``.
 
-        The params and buffers are copies, and steps call a private copy of the
-        module: training never changes or rebinds the tensors of the ``module`` you
-        pass, which is from then on used as a function. (``tk.jit`` caches a
-        tensor-less copy in its ``__dict__``: dynamo can guard on that, not on a side table.)
+        The params and buffers are copies, and ``state.module`` is a tensor-less
+        skeleton of ``module`` (its parameters on the meta device), made once here: the
+        architecture as a function, as Flax keeps ``apply_fn``. Nothing is ever written
+        on the ``module`` you pass, and changing it later (hooks, submodules) does not
+        change the state: create a new state for a new architecture. Get a module
+        with the trained weights back with :func:`trainkit.to_module`.
 
         >>> import torch, trainkit as tk
         >>> s = tk.TrainState.create(torch.nn.Linear(3, 2), tk.optim.adam(1e-3), dtype=torch.float64)
@@ -143,7 +140,8 @@ class TrainState:
         params = {n: copy(p, True) for n, p in module.named_parameters()}
         buffers = {n: copy(b, False) for n, b in module.named_buffers()}
         opt_state = _optim.init(tx, params)
-        return cls(step=0, params=params, buffers=buffers, opt_state=opt_state, rng=seed, slots={}, module=module, tx=tx)
+        skeleton = _meta_copy(module)  # the module as a function: no tensors, nothing of the user's
+        return cls(step=0, params=params, buffers=buffers, opt_state=opt_state, rng=seed, slots={}, module=skeleton, tx=tx)
 
     def replace(self, **changes: Any) -> "TrainState":
         """A new state with the given fields replaced (the fields are those of the dataclass)."""
@@ -181,19 +179,19 @@ class TrainState:
         """
         params = self.params if params is None else params
         buffers = self.buffers if buffers is None else buffers
-        if train and buffers and not _context().donate:
+        if train and buffers and not current_context().donate:
             buffers = {k: v.clone() for k, v in buffers.items()}
         if torch.compiler.is_compiling():
             # Under torch.compile the module is called through functional_call, which
             # dynamo understands, on a tensor-less copy in the mode asked for (see
-            # _traced_module); the RNG is seeded outside the graph by trainkit.jit.
-            module = _traced_module(self.module, bool(train))
+            # traced_module); the RNG is seeded outside the graph by trainkit.jit.
+            module = traced_module(self.module, bool(train))
             out = torch.func.functional_call(module, {**params, **buffers}, args, kwargs, tie_weights=False)
             return out, dict(buffers)
         module = _binder(self.module).bind(params, buffers, train)
         if not train:
             return module(*args, **kwargs), dict(buffers)
-        with _seeded(self.params, _derive_seed(self.rng, self.step)):
+        with seeded(self.params, derive_seed(self.rng, self.step)):
             out = module(*args, **kwargs)
         return out, dict(buffers)
 
@@ -222,14 +220,17 @@ class TrainState:
             gi = grads[n]
             if not isinstance(gi, Tensor) or gi.shape != pi.shape:
                 _raise_grads_mismatch(self.params, grads)
-        ctx = _context()
+        donate = current_context().donate
+        active = hooked(self.params)  # the transforms' hooks, when these are the scoped params
         new = {"step": self.step + 1, **changes}
         if buffers is not None:
             new["buffers"] = dict(buffers)
-        if all(h.allow_update([grads[n] for n in names]) for h in ctx.hooks):
+        if not all(h.applies_update() for h in active):
+            pass  # this update is thrown away (a data_parallel replica other than the primary)
+        elif not any(h.skip_update(grads) for h in active):
             with torch.no_grad():
-                params, opt_state = _optim.apply_gradients(self.tx, grads, self.opt_state, self.params, donate=ctx.donate)
-            if not ctx.donate:
+                params, opt_state = _optim.apply_gradients(self.tx, grads, self.opt_state, self.params, donate=donate)
+            if not donate:
                 for t in params.values():
                     t.requires_grad_(t.is_floating_point())
             new["params"] = params
@@ -321,75 +322,82 @@ def _map_tensors(state: TrainState, fn: Any) -> TrainState:
     return pytree.tree_map(f, state)
 
 
-_BINDERS: "weakref.WeakKeyDictionary[nn.Module, _Binder]" = weakref.WeakKeyDictionary()
+# What the skeleton carries for its calls, in its own __dict__ (never on the user's module):
+# one binder per thread (a threading.local, freed with the skeleton) and, for tk.jit, the
+# two mode copies that compiled steps call. The skeleton is held only by the states, so
+# all of it (and the tensors a binder last bound) goes when the last state does.
+_BINDERS_ATTR = "_trainkit_binders"
+_TRACED_ATTR = "_trainkit_traced"
 
 
-def _binder(module: nn.Module) -> _Binder:
-    binder = _BINDERS.get(module)
+def _binder(skeleton: nn.Module) -> _Binder:
+    local = skeleton.__dict__.get(_BINDERS_ATTR)
+    if local is None:
+        local = threading.local()
+        object.__setattr__(skeleton, _BINDERS_ATTR, local)
+    binder = getattr(local, "binder", None)
     if binder is None:
-        binder = _BINDERS[module] = _Binder(module)
+        binder = local.binder = _Binder(skeleton)
     return binder
 
 
-def _traced_module(module: nn.Module, train: bool) -> nn.Module:
-    """The copy of ``module`` that a compiled step calls (trainkit.jit makes it before tracing).
+def traced_module(skeleton: nn.Module, train: bool) -> nn.Module:
+    """The copy of the state's skeleton that a compiled step calls, in one mode (for ``tk.jit``).
 
-    Its tensors are on the meta device (functional_call swaps in the state's), so a
-    graph never depends on what an eager call bound to ``module``, and each copy stays
-    in one mode: ``(eval_copy, train_copy)[train]``. Kept in ``module.__dict__``, so it
-    is no submodule and adds nothing to ``named_parameters()``.
+    Its tensors are on the meta device (functional_call swaps in the state's), and each
+    copy stays in one mode, ``(eval_copy, train_copy)[train]``, so a mode switch never
+    recompiles. Kept in the skeleton's ``__dict__`` (dynamo guards on that, not on a side
+    table), so it is no submodule and adds nothing to ``named_parameters()``.
     """
-    copies = module.__dict__.get("_trainkit_traced")
+    copies = skeleton.__dict__.get(_TRACED_ATTR)
     if copies is None:
-        copies = tuple(_meta_copy(module).train(mode) for mode in (False, True))
-        object.__setattr__(module, "_trainkit_traced", copies)
+        copies = tuple(_meta_copy(skeleton).train(mode) for mode in (False, True))
+        object.__setattr__(skeleton, _TRACED_ATTR, copies)
     return copies[train]
 
 
 def _meta_copy(module: nn.Module) -> nn.Module:
-    """A deep copy of ``module`` whose parameters and buffers are on the meta device (no memory)."""
+    """A deep copy of ``module`` whose parameters and buffers are on the meta device (no memory),
+    without what trainkit keeps in a skeleton's ``__dict__``."""
     memo: dict[int, Any] = {}
     for t in (*module.parameters(), *module.buffers()):
         meta = torch.empty_like(t, device="meta")
         memo[id(t)] = nn.Parameter(meta, t.requires_grad) if isinstance(t, nn.Parameter) else meta
+    for attr in (_BINDERS_ATTR, _TRACED_ATTR):
+        if attr in module.__dict__:
+            memo[id(module.__dict__[attr])] = None
     return copy.deepcopy(module, memo)
 
 
-class _seeded:
-    """Seed the default generator(s) of the params' device for one call, then restore them."""
+def to_module(state: TrainState) -> nn.Module:
+    """A new ``nn.Module`` holding the state's params and buffers (copies), for inference or export.
 
-    __slots__ = ("seed", "cuda", "saved", "saved_cuda")
+    The module is built from the state's skeleton (the architecture given to
+    :meth:`TrainState.create`), on the state's device, in eval mode; tied weights stay tied.
 
-    def __init__(self, params: Mapping[str, Tensor], seed: int) -> None:
-        self.seed = seed
-        dev = next(iter(params.values())).device if params else torch.device("cpu")
-        self.cuda = dev if dev.type == "cuda" else None
-
-    def __enter__(self) -> None:
-        # The generators are process-wide: data_parallel's replica threads take turns here.
-        _SEED_LOCK.acquire()
-        try:
-            self.saved = torch.default_generator.get_state()
-            torch.default_generator.manual_seed(self.seed)
-            if self.cuda is not None:
-                gen = torch.cuda.default_generators[self.cuda.index or torch.cuda.current_device()]
-                self.saved_cuda = (gen, gen.get_state())
-                gen.manual_seed(self.seed)
-        except BaseException:
-            _SEED_LOCK.release()
-            raise
-
-    def __exit__(self, *exc: Any) -> None:
-        try:
-            torch.default_generator.set_state(self.saved)
-            if self.cuda is not None:
-                gen, saved = self.saved_cuda
-                gen.set_state(saved)
-        finally:
-            _SEED_LOCK.release()
-
-
-_SEED_LOCK = threading.RLock()
+    >>> import torch, trainkit as tk
+    >>> model = torch.nn.Linear(2, 1)
+    >>> state = tk.TrainState.create(model, tk.optim.sgd(0.1))
+    >>> state = state.apply_gradients({"weight": torch.ones(1, 2), "bias": torch.ones(1)})
+    >>> trained = tk.to_module(state)
+    >>> torch.equal(trained.weight, state.params["weight"]), torch.equal(model.weight, trained.weight)
+    (True, False)
+    """
+    if not isinstance(state, TrainState):
+        raise TypeError(f"to_module: expected a TrainState, got {type(state).__name__}.")
+    module = _meta_copy(state.module)
+    made: dict[str, Tensor] = {}
+    for slots, tensors, is_param in (
+        (_slots(module, module.named_parameters(remove_duplicate=False), module.named_parameters()), state.params, True),
+        (_slots(module, module.named_buffers(remove_duplicate=False), module.named_buffers()), state.buffers, False),
+    ):
+        for mod, attr, name in slots:
+            t = made.get(name)
+            if t is None:
+                src = tensors[name].detach().clone()
+                t = made[name] = nn.Parameter(src, src.is_floating_point()) if is_param else src
+            (mod._parameters if is_param else mod._buffers)[attr] = t
+    return module.eval()
 
 
 def _raise_grads_mismatch(params: Mapping[str, Tensor], grads: Any) -> None:

@@ -214,7 +214,7 @@ def check_step(
         raise TypeError(f"check_step: state must be a TrainState, got {type(state).__name__}.")
     before = snapshot(state)
     recorder = _RecordGrads()
-    with hooks(recorder):
+    with hooks(recorder, params=state.params):
         out1 = step(state, batch)
     new_state, metrics = check_step_output(out1, "check_step: step")
     for k, v in metrics.items():

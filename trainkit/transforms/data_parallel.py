@@ -11,7 +11,8 @@ rounding) whatever the batch size, also when it does not divide evenly.
 How it reaches into the step: through :func:`trainkit.value_and_grad`. Each
 replica runs the unchanged step under a :class:`~trainkit.StepHook` whose
 ``grads`` hook waits for every replica's gradients and hands back their weighted
-mean, and whose ``allow_update`` lets only the primary replica update the params.
+mean, and whose ``applies_update`` lets only the primary replica update the params
+(each replica calls the state's skeleton through a module copy of its own thread).
 A step written with ``tk.value_and_grad`` and ``state.apply_gradients`` therefore
 works as it is.
 
@@ -41,19 +42,18 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import copy
 import threading
-import weakref
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Sequence, Union
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from torch.utils import _pytree as pytree
 
 from .. import functional as _functional
-from ..run import _check_step_output
-from ..state import TrainState, _derive_seed
+from ..contract import check_step_output
+from ..rng import derive_seed
+from ..state import TrainState
 from ._base import check_parallel_target, mark, two_forms
 
 __all__ = ["data_parallel"]
@@ -218,6 +218,9 @@ class _Rendezvous:
 class _ReplicaHook(_functional.StepHook):
     """Averages the gradients across replicas; only the primary replica updates the params."""
 
+    owner = "data_parallel"
+    traceable = False  # replicas wait for each other's gradients in threads
+
     def __init__(self, index: int, weight: int, rendezvous: _Rendezvous) -> None:
         self.index = index
         self.weight = weight
@@ -226,8 +229,8 @@ class _ReplicaHook(_functional.StepHook):
     def grads(self, grads: list[Tensor], params: Sequence[Tensor]) -> list[Tensor]:
         return self.rendezvous.exchange(self.index, (grads, self.weight))
 
-    def allow_update(self, grads: list[Tensor]) -> bool:
-        return self.index == 0
+    def applies_update(self) -> bool:
+        return self.index == 0  # the other replicas' updates would be thrown away: they make none
 
 
 def _make_reducer(devices: list[torch.device], sizes: list[int]) -> Callable[[list[Any]], list[Any]]:
@@ -293,28 +296,13 @@ def _weighted_buffers(states: list[TrainState], sizes: list[int], primary: torch
 # --------------------------------------------------------------------------- per-replica copies
 
 
-def _module_copy(module: nn.Module) -> nn.Module:
-    # The copy is only called through state.apply, which binds the replica's tensors
-    # into it; its own tensors alias the original's (detached), so nothing is copied.
-    memo: dict[int, Any] = {id(t): t.detach() for t in (*module.parameters(), *module.buffers())}
-    return copy.deepcopy(module, memo)
-
-
-class _Replicas:
-    """The per-device module copies and the worker threads of one wrapped step."""
+class _Pool:
+    """The worker threads of one wrapped step (made at the first call that needs them)."""
 
     def __init__(self, n: int) -> None:
-        self.modules: "weakref.WeakKeyDictionary[nn.Module, list[nn.Module]]" = weakref.WeakKeyDictionary()
         self.n = n
         self.lock = threading.Lock()
         self.pool: ThreadPoolExecutor | None = None
-
-    def module(self, module: nn.Module, i: int) -> nn.Module:
-        with self.lock:
-            copies = self.modules.get(module)
-            if copies is None:
-                copies = self.modules[module] = [module] + [_module_copy(module) for _ in range(self.n - 1)]
-            return copies[i]
 
     def executor(self) -> ThreadPoolExecutor:
         with self.lock:
@@ -323,15 +311,14 @@ class _Replicas:
             return self.pool
 
 
-def _replica_state(state: TrainState, device: torch.device, module: nn.Module, i: int) -> TrainState:
+def _replica_state(state: TrainState, device: torch.device, i: int) -> TrainState:
     # Copies even on the primary's own device: the primary may update its tensors in place
     # (a donated state) while this replica still reads its own.
     return state.replace(
         params=_to_device(state.params, device, copy_=True),
         buffers=_to_device(state.buffers, device, copy_=True),
         slots=_to_device(state.slots, device, copy_=True),
-        module=module,
-        rng=_derive_seed(state.rng, -(1 << 20) - i),
+        rng=derive_seed(state.rng, "replica", i),
     )
 
 
@@ -402,7 +389,7 @@ def data_parallel(step: Callable[..., Any] | None = None, *, devices: DeviceSpec
             "the replicas meet inside value_and_grad (threads averaging their gradients), which a compiled "
             "graph cannot hold. Use data_parallel without tk.jit, or tk.jit on one device."
         )
-        replicas = _Replicas(len(devs))
+        replicas = _Pool(len(devs))
 
         def data_parallel_step(state: TrainState, batch: Any) -> tuple[TrainState, dict[str, Any]]:
             if not isinstance(state, TrainState):
@@ -416,13 +403,13 @@ def data_parallel(step: Callable[..., Any] | None = None, *, devices: DeviceSpec
             shards, sizes = _split_batch(batch, len(devs))
             k = len(shards)
             if k == 1:  # one replica is the step itself
-                return _check_step_output(inner(state, _to_device(shards[0], primary, copy_=False)), "data_parallel: step")
+                return check_step_output(inner(state, _to_device(shards[0], primary, copy_=False)), "data_parallel: step")
             rendezvous = _Rendezvous(k, _make_reducer(devs[:k], sizes))
             modes = _thread_modes(devs[:k])
             jobs = []
             pool = replicas.executor()
             for i in range(1, k):
-                rstate = _replica_state(state, devs[i], replicas.module(state.module, i), i)
+                rstate = _replica_state(state, devs[i], i)
                 rbatch = _to_device(shards[i], devs[i], copy_=False)
                 ctx = contextvars.copy_context()  # the caller's hooks (inner to outer transforms) go along
                 jobs.append(pool.submit(ctx.run, _run_replica, inner, rstate, rbatch, i, sizes[i], rendezvous, modes, False))
@@ -483,8 +470,8 @@ def _run_replica(
                 stack.enter_context(modes())
             if not primary:  # only the primary's update happens; the others must not touch shared tensors
                 stack.enter_context(_functional.donating(False))
-            stack.enter_context(_functional.hooks(_ReplicaHook(i, size, rendezvous)))
-            return _check_step_output(inner(state, batch), "data_parallel: step")
+            stack.enter_context(_functional.hooks(_ReplicaHook(i, size, rendezvous), params=state.params))
+            return check_step_output(inner(state, batch), "data_parallel: step")
     except BaseException as e:
         error = e
         raise

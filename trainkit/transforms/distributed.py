@@ -43,13 +43,14 @@ import datetime
 import math
 import os
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence, Union
+from typing import Any, Callable, Mapping, Sequence, Union
 
 import torch
 from torch import Tensor
 
 from .. import functional as _functional
-from ..run import _check_step_output, batch_size
+from ..contract import batch_size, check_step_output
+from ..dist import DistributedError, reduce_means, shard_loader
 from ..state import TrainState
 from ._base import check_parallel_target, mark, two_forms
 
@@ -58,8 +59,6 @@ __all__ = ["distributed", "DistributedError", "local_device", "shard_loader", "r
 _TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
-class DistributedError(RuntimeError):
-    """A collective failed or timed out: a peer rank died, hung, or runs a different number of steps."""
 
 
 # --------------------------------------------------------------------------- the process group
@@ -291,6 +290,9 @@ class _Round:
 class _GradientReducer(_functional.StepHook):
     """Starts bucketed all-reduces during backward (``loss`` hook), finishes them after (``grads`` hook)."""
 
+    owner = "distributed"
+    traceable = False  # its all-reduces are asynchronous and wait on other processes
+
     def __init__(self, comm: _Comm, cap_bytes: int, overlap: bool, layouts: dict, step: int) -> None:
         self.comm = comm
         self.cap_bytes = cap_bytes
@@ -456,8 +458,8 @@ def distributed(
                 checked[0] = True
             reducer = _GradientReducer(comm, cap_bytes, overlap, layouts, state.step)
             try:
-                with _functional.hooks(reducer):
-                    new_state, metrics = _check_step_output(inner(state, batch), "distributed: step")
+                with _functional.hooks(reducer, params=state.params):
+                    new_state, metrics = check_step_output(inner(state, batch), "distributed: step")
             finally:
                 reducer.close()
             if reducer.rounds == 0:
@@ -473,104 +475,3 @@ def distributed(
         return mark(distributed_step, inner, "distributed")
 
     return two_forms(step, "distributed", make)
-
-
-# --------------------------------------------------------------------------- for the runner
-
-
-class _Strided(torch.utils.data.Sampler):
-    """Indices ``rank, rank + world, ...``: each sample once, no padding (for evaluation)."""
-
-    def __init__(self, n: int, rank: int, world: int) -> None:
-        self.n, self.rank, self.world = n, rank, world
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(range(self.rank, self.n, self.world))
-
-    def __len__(self) -> int:
-        return len(range(self.rank, self.n, self.world))
-
-
-def shard_loader(loader: Iterable[Any], *, train: bool, seed: int = 0) -> Iterable[Any]:
-    """This rank's share of ``loader`` (used by :func:`trainkit.fit` under torch.distributed).
-
-    A ``DataLoader`` over a map-style dataset is rebuilt with the same settings around
-    a sampler that gives this rank its part of the data:
-
-    * ``train=True``: ``DistributedSampler`` (shuffled if the loader was, by ``seed`` and
-      the epoch that ``fit`` sets, so a resumed run sees the same batches; padded so
-      that every rank gets the same number of batches and no rank waits for a peer);
-    * ``train=False``: every ``world``-th sample, no padding (evaluation needs no
-      collectives, and ``fit`` averages the metrics over ranks weighted by counts).
-
-    Anything else (a list of batches, an iterable dataset, a loader that already has a
-    ``DistributedSampler`` or its own batch sampler) is returned as it is: it must then
-    yield this rank's batches, the same number on every rank. Outside torch.distributed
-    it returns ``loader`` itself.
-
-    >>> batches = [1, 2, 3]
-    >>> shard_loader(batches, train=True) is batches
-    True
-    """
-    dist = torch.distributed
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return loader
-    from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, IterableDataset, RandomSampler
-
-    if not isinstance(loader, DataLoader) or isinstance(loader.dataset, IterableDataset):
-        return loader
-    if isinstance(loader.sampler, (DistributedSampler, _Strided)) or type(loader.batch_sampler) is not BatchSampler:
-        return loader
-    rank, world = dist.get_rank(), dist.get_world_size()
-    if train:
-        sampler: Any = DistributedSampler(
-            loader.dataset, num_replicas=world, rank=rank, shuffle=isinstance(loader.sampler, RandomSampler), seed=seed, drop_last=False
-        )
-    else:
-        sampler = _Strided(len(loader.dataset), rank, world)  # type: ignore[arg-type]
-    return DataLoader(
-        loader.dataset,
-        batch_size=loader.batch_size,
-        sampler=sampler,
-        num_workers=loader.num_workers,
-        collate_fn=loader.collate_fn,
-        pin_memory=loader.pin_memory,
-        drop_last=loader.drop_last,
-        timeout=loader.timeout,
-        worker_init_fn=loader.worker_init_fn,
-        multiprocessing_context=loader.multiprocessing_context,
-        generator=loader.generator,
-        prefetch_factor=loader.prefetch_factor if loader.num_workers > 0 else None,
-        persistent_workers=loader.persistent_workers,
-        pin_memory_device=loader.pin_memory_device,
-    )
-
-
-def reduce_means(sums: Mapping[str, Any], count: int) -> dict[str, float]:
-    """Weighted means over every rank: ``sum of sums / sum of counts`` (the same on all ranks).
-
-    ``fit`` calls it at the end of each epoch so that the epoch metrics (and the
-    decisions taken on them, such as early stopping) are identical on every rank.
-    Outside torch.distributed it is the local mean.
-
-    >>> reduce_means({"loss": 6.0}, 3)
-    {'loss': 2.0}
-    """
-    local = ({k: float(v) for k, v in sums.items()}, int(count))  # a host sync, once per epoch
-    dist = torch.distributed
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        gathered = [local]
-    else:
-        gathered = [None] * dist.get_world_size()
-        try:
-            dist.all_gather_object(gathered, local)
-        except RuntimeError as e:
-            raise DistributedError(
-                f"distributed: gathering the epoch metrics failed on rank {dist.get_rank()} of {dist.get_world_size()}: "
-                f"a peer rank has died, hangs, or ran a different number of epochs. [{type(e).__name__}: {str(e)[:300]}]"
-            ) from e
-    total = sum(c for _, c in gathered)
-    keys: dict[str, None] = {}
-    for s, _ in gathered:
-        keys.update(dict.fromkeys(s))
-    return {k: sum(s.get(k, 0.0) for s, _ in gathered) / total for k in keys} if total else {}

@@ -19,9 +19,10 @@ import logging
 import math
 from typing import Any, Callable, Mapping
 
-import torch
 from torch import Tensor
 
+from .. import dist
+from ..contract import is_epoch_step
 from ..state import TrainState
 from ._base import applied_transforms, mark, two_forms
 
@@ -128,7 +129,7 @@ def early_stop(
                 new_slot["best_params"] = {n: t.detach().clone() for n, t in new_state.params.items()}
                 new_slot["best_buffers"] = {n: t.detach().clone() for n, t in new_state.buffers.items()}
             if decision["stop"]:
-                if _is_rank0():
+                if dist.is_main_process():
                     _log.info(decision["reason"])
                 if cfg["restore_best"] and new_slot.get("best_params") is not None:
                     new_state = _with_best(new_state, new_slot)
@@ -188,8 +189,6 @@ def _finite_number(x: Any) -> bool:
 
 def _read(metrics: Mapping[str, Any], monitor: str, inner: Callable[..., Any]) -> float:
     if monitor not in metrics:
-        from ..run import is_epoch_step
-
         hint = ""
         if monitor.startswith("val_") and not any(k.startswith("val_") for k in metrics):
             hint = (
@@ -293,19 +292,9 @@ def decide(slot: Mapping[str, Any], current: float, cfg: Mapping[str, Any]) -> t
     return decision, improved
 
 
-def _is_rank0() -> bool:
-    dist = torch.distributed
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
-
-
 def _agree(decision: dict[str, Any], improved: bool) -> tuple[dict[str, Any], bool]:
     """Under torch.distributed, every rank takes rank 0's decision (one small broadcast)."""
-    dist = torch.distributed
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return decision, improved
-    box = [(decision, improved)]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
+    return dist.broadcast((decision, improved))
 
 
 def _with_best(state: TrainState, slot: Mapping[str, Any]) -> TrainState:

@@ -44,6 +44,7 @@ code in the process is not affected.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import types
 import warnings
@@ -55,8 +56,9 @@ from torch.utils import _pytree as pytree
 
 from .. import functional as _functional
 from .. import optim as _optim
-from ..run import is_epoch_step
-from ..state import TrainState, _derive_seed, _traced_module
+from ..contract import is_epoch_step
+from ..rng import derive_seed
+from ..state import TrainState, traced_module
 from ._base import applied_transforms, mark, two_forms
 
 __all__ = ["jit", "JitError", "RecompileWarning", "RecompileError", "JittedStep"]
@@ -142,7 +144,7 @@ def _check_metrics(out: Any, name: str) -> None:
 def _explain_break(err: BaseException, name: str) -> str:
     text = str(err).strip()
     veto = ""
-    if "allow_update" in text:
+    if "skip_update" in text:
         veto = (
             "This break is in a transform's veto of the update: mixed_precision with float16 skips a step whose "
             "gradients are not finite, a decision read on the host (as GradScaler's), which one graph cannot hold. "
@@ -197,9 +199,9 @@ def _check_outer(hooks: tuple[Any, ...], state: TrainState) -> None:
     # A scale-out transform around jit waits inside its gradient hook for the other
     # replicas: traced into a graph, that would fail, or deadlock on the compile lock.
     for h in hooks:
-        name = type(h).__module__.rsplit(".", 1)[-1]
-        if name in ("data_parallel", "distributed"):
-            raise JitError(f"jit: the step runs under {name}, which cannot be inside one compiled graph: {_NOT_INSIDE[name]}")
+        if not h.traceable:
+            why = _NOT_INSIDE.get(h.owner, "its hook waits on other threads or processes.")
+            raise JitError(f"jit: the step runs under {h.owner}, which cannot be inside one compiled graph: {why}")
     if state.device.type == "xla":
         raise JitError(f"jit: the state is on an XLA device: {_NOT_INSIDE['xla_sharded']}")
 
@@ -247,7 +249,7 @@ class _Call:
         # The step's randomness is a function of (rng, step), as in the eager step;
         # the caller's RNG stream is restored after the call.
         state = self.state
-        seed = _derive_seed(state.rng, state.step)
+        seed = derive_seed(state.rng, state.step)
         gens = [torch.default_generator]
         for t in state.params.values():
             if t.device.type == "cuda":
@@ -347,14 +349,14 @@ class JittedStep:
     def __call__(self, state: TrainState, batch: Any) -> tuple[TrainState, dict[str, Any]]:
         if not isinstance(state, TrainState):
             raise TypeError(f"jit: the step's first argument must be a TrainState, got {type(state).__name__}.")
-        ctx = _functional._CTX.get()
+        ctx = _functional.current_context()
         if ctx.hooks or state.device.type == "xla":
             _check_outer(ctx.hooks, state)
         if not (self.donate and ctx.donate):
             # The same graph as the donated step, run on a copy: the caller's state is untouched.
             state = state.clone()
-            ctx = _functional._Context(hooks=ctx.hooks, donate=True)
-        _traced_module(state.module, True)  # made outside the graph: tracing only looks it up
+            ctx = dataclasses.replace(ctx, donate=True)
+        traced_module(state.module, True)  # made outside the graph: tracing only looks it up
         # The LR changes every step under a schedule: as a Python float, inductor would bake it
         # into the graph and recompile for each new value; as a 0-d tensor it is an input.
         lr_state = _optim.map_lr(state.opt_state, _lr_tensor)
@@ -363,17 +365,15 @@ class JittedStep:
         call = _Call(self, state)
         if self._draws_random:
             call.seed()
-        _functional._TRACED.append(ctx)  # what value_and_grad and apply_gradients read while traced
-        token = _functional._CTX.set(ctx)  # and where dynamo falls back to running Python
         _IN_FLIGHT.append(call)  # what the compile callbacks read, should dynamo compile
         try:
-            out = self._compiled(self.step, state, batch)
+            # the context the hook points read, while dynamo traces and where it falls back to Python
+            with _functional.use_context(ctx):
+                out = self._compiled(self.step, state, batch)
         except (torch._dynamo.exc.Unsupported, torch._dynamo.exc.UserError) as e:
             raise JitError(_explain_break(e, self._name)) from e
         finally:
             _IN_FLIGHT.pop()
-            _functional._CTX.reset(token)
-            _functional._TRACED.pop()
             call.restore()
         if call.compiled:
             _check_metrics(out, self._name)  # the output's structure is fixed per graph

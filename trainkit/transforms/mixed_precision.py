@@ -18,6 +18,7 @@ from typing import Any, Callable, Mapping, Sequence, Union
 import torch
 from torch import Tensor
 
+from ..contract import is_epoch_step
 from ..functional import StepHook, hooks
 from ..state import TrainState
 from ._base import applied_transforms, mark, two_forms
@@ -40,6 +41,9 @@ def _f32(x: float) -> float:
 
 class _LossScaler(StepHook):
     """Scales the loss, unscales the gradients, and vetoes the update when they are not finite."""
+
+    owner = NAME
+    traceable = True  # (float16's veto is read on the host: under tk.jit it needs fullgraph=False)
 
     def __init__(self, scale: float) -> None:
         self.scale = scale
@@ -72,8 +76,8 @@ class _LossScaler(StepHook):
             self._found = bool(torch.stack(self.nonfinite).any()) if self.nonfinite else False
         return self._found
 
-    def allow_update(self, grads: list[Tensor]) -> bool:
-        return not self.found_nonfinite()
+    def skip_update(self, grads: Mapping[str, Tensor]) -> bool:
+        return self.found_nonfinite()
 
 
 def mixed_precision(
@@ -199,7 +203,7 @@ def mixed_precision(
             slot = state.slots.get(NAME) or {"scale": cfg["init_scale"], "growth_tracker": 0, "skipped_steps": 0}
             scale = float(slot["scale"])
             scaler = _LossScaler(scale)
-            with hooks(scaler), torch.autocast(device_type=_device_type(state), dtype=torch.float16):
+            with hooks(scaler, params=state.params), torch.autocast(device_type=_device_type(state), dtype=torch.float16):
                 out = inner(state, batch)
             if type(out) is not tuple or len(out) != 2 or not isinstance(out[0], TrainState) or not isinstance(out[1], Mapping):
                 raise TypeError(
@@ -288,8 +292,6 @@ def _check_state(state: Any) -> None:
 
 
 def _check_order(inner: Callable[..., Any]) -> None:
-    from ..run import is_epoch_step
-
     applied = applied_transforms(inner)
     if NAME in applied:
         raise ValueError(

@@ -36,8 +36,9 @@ import torch
 from torch import Tensor
 from torch.utils import _pytree as pytree
 
-from ..run import _check_step_output
-from ..state import TrainState, _derive_seed
+from ..contract import check_step_output
+from ..rng import derive_seed
+from ..state import TrainState
 from ._base import check_parallel_target, mark, two_forms
 
 __all__ = ["xla_sharded"]
@@ -205,14 +206,14 @@ def xla_sharded(
                 raise TypeError(f"xla_sharded: state must be a TrainState, got {type(state).__name__}.")
             state = place_state(state)
             batch = place_batch(batch)
-            xm.set_rng_state(_derive_seed(state.rng, state.step) % (1 << 63), device=str(device))
+            xm.set_rng_state(derive_seed(state.rng, state.step) % (1 << 63), device=str(device))
             # The backward runs on this thread, not on autograd's per-device worker: the engine sizes its
             # device queues once, at the process's first backward, when torch_xla still reports 0 devices
             # (its runtime starts later; under SPMD torch_xla.device() does not start it either), so after
             # any CPU backward an XLA one on a worker fails with "INTERNAL ASSERT FAILED ...
             # device_ready_queues_" (pytorch/xla#4174). On this thread it only traces: measured as fast.
             with torch.autograd.set_multithreading_enabled(False):
-                new_state, metrics = _check_step_output(inner(state, batch), "xla_sharded: step")
+                new_state, metrics = check_step_output(inner(state, batch), "xla_sharded: step")
             pin(new_state)  # the outputs keep the inputs' shardings, so the next call reuses this graph
             torch_xla.sync()  # the whole step, traced above, runs here as one graph
             return new_state, metrics
