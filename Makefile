@@ -3,13 +3,17 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test venv bench clean xla-venv test-xla
+.PHONY: demo test venv bench clean xla-venv test-xla docs
 
 # The XLA tests (tests/xla) need torch 2.9.0 + torch_xla 2.9.0, which imports beside no other torch: their
 # own venv, built once (the marker file; about 2 min and 7 GB the first time), run on 4 XLA CPU devices.
 XLA_VENV ?= .venv-xla
 XLA_PY := $(XLA_VENV)/bin/python
 XLA_TEST := PJRT_DEVICE=CPU CPU_NUM_DEVICES=4 $(XLA_PY) -m pytest tests/xla -o addopts="" -p no:cacheprovider --timeout=600
+
+# The documentation (docs/, Sphinx autodoc of the real modules): warnings are errors, -E rereads every
+# page so that a warning is never hidden by a cached one. A few seconds; `make test` runs it too.
+DOCS := $(PY) -m sphinx -W --keep-going -E -q -b html docs docs/_build/html
 
 venv: $(VENV)/.installed
 
@@ -29,8 +33,12 @@ $(XLA_VENV)/.installed:
 demo: venv
 	$(PY) -m trainkit.demo $(ARGS)
 
+docs: venv
+	$(DOCS)
+
 test: venv xla-venv
 	$(PY) -m ruff check .
+	$(DOCS)
 	$(PY) -m pytest $(ARGS)
 	$(XLA_TEST)
 
