@@ -1,0 +1,307 @@
+"""The pieces every stage shares: the transformation type, pending updates, checks, state walks.
+
+A stage has a pure ``update`` (Optax's contract) and, for speed, a ``donated``
+variant with the same maths that updates its own state tensors in place and may
+return a :class:`Pending` instead of materialised updates, so that the last step
+(``p += u``) can be fused into torch's foreach kernels (``addcdiv_``, as
+``torch.optim`` does). The pure ``update`` of a built-in stage is its donated
+variant run on a copy of the state, so the two agree bit for bit.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, NamedTuple
+
+import torch
+from torch import Tensor
+
+Params = dict[str, Tensor]
+
+# The key that names a built-in stage's state ("_stage": "scale_by_learning_rate"): the one
+# convention by which get_lr, set_lr, skip_update, ... find what they need in any nesting.
+STAGE = "_stage"
+
+
+class GradientTransformation(NamedTuple):
+    """An optimizer stage: ``init(params) -> state`` and ``update(updates, state, params) -> (updates, state)``.
+
+    ``params``, ``updates`` and the gradients are dicts keyed by parameter name, in
+    the order of ``state.params``. ``update`` is pure: it returns new tensors and
+    leaves its arguments untouched. ``donated`` (optional, built-in stages) is the
+    in-place variant that :func:`trainkit.optim.apply_gradients` uses; a stage of
+    your own needs only ``init`` and ``update``.
+
+    >>> import torch, trainkit.optim as optim
+    >>> double = optim.GradientTransformation(lambda params: (), lambda u, s, p: ({n: 2 * g for n, g in u.items()}, s))
+    >>> tx = optim.chain(double, optim.sgd(0.5))
+    >>> p = {"w": torch.tensor([1.0])}
+    >>> u, _ = tx.update({"w": torch.tensor([3.0])}, tx.init(p), p)
+    >>> u["w"].item()
+    -3.0
+    """
+
+    init: Callable[[Params], Any]
+    update: Callable[[Params, Any, Params], tuple[Params, Any]]
+    donated: Callable[[Any, Any, Params], tuple[Any, Any]] | None = None
+
+
+# --------------------------------------------------------------------------- pending updates
+
+
+class Pending:
+    """Updates not materialised yet: ``u[i] = sum of terms``, applied to the params in place when donated.
+
+    A term is ``(kind, coef, idx, a, b)`` over the positions ``idx`` of ``names``
+    (``None``: all): ``"add"`` is ``coef * a``, ``"div"`` is ``coef * a / b``,
+    ``"self"`` is ``coef * params``. ``post`` holds functions of the new params
+    (the EMA of the weights) to run once they are written.
+    """
+
+    __slots__ = ("names", "terms", "post")
+
+    def __init__(self, names: list[str], terms: list[tuple] | None = None, post: list[Callable[[Params], None]] | None = None) -> None:
+        self.names = names
+        self.terms = terms if terms is not None else []
+        self.post = post if post is not None else []
+
+    @staticmethod
+    def of(updates: Any) -> "Pending":
+        """``updates`` as a Pending (a dict of tensors becomes one ``add`` term)."""
+        if isinstance(updates, Pending):
+            return updates
+        return Pending(list(updates), [("add", 1.0, None, list(updates.values()), None)])
+
+    def scaled(self, factor: Any) -> "Pending":
+        """Every term multiplied by ``factor`` (a float, or a 0-d tensor under trainkit.jit)."""
+        return Pending(self.names, [(k, c * factor, i, a, b) for k, c, i, a, b in self.terms], self.post)
+
+
+def _pick(xs: list[Tensor], idx: list[int] | None) -> list[Tensor]:
+    return xs if idx is None else [xs[i] for i in idx]
+
+
+def _scaled_list(xs: list[Tensor], coef: Any) -> list[Tensor]:
+    return list(xs) if isinstance(coef, float) and coef == 1.0 else torch._foreach_mul(xs, coef)
+
+
+def materialize(updates: Any, params: Params) -> Params:
+    """The updates as a dict of tensors (new tensors where terms combine; never written in place later)."""
+    if not isinstance(updates, Pending):
+        return updates
+    p = list(params.values())
+    out: list[Tensor | None] = [None] * len(p)
+    for kind, coef, idx, a, b in updates.terms:
+        if kind == "self":
+            a = _pick(p, idx)
+        contrib = torch._foreach_div(a, b) if kind == "div" else None
+        if contrib is not None:
+            torch._foreach_mul_(contrib, coef)
+        else:
+            contrib = _scaled_list(a, coef)
+        positions = range(len(p)) if idx is None else idx
+        for j, c in zip(positions, contrib):
+            out[j] = c if out[j] is None else out[j] + c  # a new tensor: inputs are never written
+    out = [torch.zeros_like(pi) if o is None else o for o, pi in zip(out, p)]
+    return dict(zip(params, out))
+
+
+def apply_(updates: Any, params: Params) -> None:
+    """``params += updates`` in place; a Pending is fused into foreach kernels, then its ``post`` run."""
+    if isinstance(updates, Pending):
+        fusable = not torch.compiler.is_compiling() and all(isinstance(c, float) for _, c, _, _, _ in updates.terms)
+        if fusable:
+            _apply_terms_(updates.terms, list(params.values()))
+        else:  # under jit the coefficients are 0-d tensors (no alpha=); inductor fuses the ops anyway
+            _add_(params, materialize(updates, params))
+        for fn in updates.post:
+            fn(params)
+        return
+    _add_(params, updates)
+
+
+def _add_(params: Params, updates: Params) -> None:
+    torch._foreach_add_(list(params.values()), [updates[n] for n in params])
+
+
+def _apply_terms_(terms: list[tuple], p: list[Tensor]) -> None:
+    # "self" terms first: p * (1 + c) then the rest is torch.optim.AdamW's order (decay, then step).
+    for kind, coef, idx, _, _ in terms:
+        if kind == "self":
+            torch._foreach_mul_(_pick(p, idx), 1.0 + coef)
+    for kind, coef, idx, a, b in terms:
+        if kind == "add":
+            torch._foreach_add_(_pick(p, idx), a, alpha=coef)
+        elif kind == "div":
+            torch._foreach_addcdiv_(_pick(p, idx), a, b, value=coef)
+
+
+def as_dict(updates: Any, params: Params) -> Params:
+    """What a stage that needs plain tensors receives (see :func:`materialize`)."""
+    return materialize(updates, params) if isinstance(updates, Pending) else updates
+
+
+def remap(pending: Any, sub_names: list[str], all_names: list[str]) -> Pending:
+    """A Pending over ``sub_names`` re-expressed over ``all_names`` (for masked and partition)."""
+    pending = Pending.of(pending)
+    where = {n: i for i, n in enumerate(all_names)}
+    pos = [where[n] for n in sub_names]
+    terms = [(k, c, pos if i is None else [pos[j] for j in i], a, b) for k, c, i, a, b in pending.terms]
+    return Pending(all_names, terms, pending.post)
+
+
+# --------------------------------------------------------------------------- running stages
+
+
+def donated_fn(tx: GradientTransformation) -> Callable[[Any, Any, Params], tuple[Any, Any]]:
+    """The in-place variant of ``tx``, or its pure ``update`` on plain dicts for a stage of your own."""
+    if tx.donated is not None:
+        return tx.donated
+
+    def run(updates: Any, state: Any, params: Params) -> tuple[Any, Any]:
+        return tx.update(as_dict(updates, params), state, params)
+
+    return run
+
+
+def pure(donated: Callable[[Any, Any, Params], tuple[Any, Any]]) -> Callable[[Params, Any, Params], tuple[Params, Any]]:
+    """The pure ``update`` of a built-in stage: its donated variant on a copy of the state."""
+
+    def update(updates: Params, state: Any, params: Params) -> tuple[Params, Any]:
+        updates = {n: updates[n] for n in params} if list(updates) != list(params) else updates
+        out, new_state = donated(updates, clone_state(state), params)
+        result = materialize(out, params)
+        if isinstance(out, Pending) and out.post:
+            new_params = {n: params[n] + result[n] for n in params}
+            for fn in out.post:
+                fn(new_params)
+        return result, new_state
+
+    return update
+
+
+def stage(donated: Callable[[Any, Any, Params], tuple[Any, Any]], init: Callable[[Params], Any]) -> GradientTransformation:
+    """A built-in stage from its ``init`` and in-place ``donated`` functions."""
+    return GradientTransformation(init, pure(donated), donated)
+
+
+def clone_state(opt_state: Any) -> Any:
+    """A deep copy of an optimizer state: new tensors, same values.
+
+    >>> import torch
+    >>> s = {"mu": {"w": torch.zeros(2)}, "count": 3}
+    >>> c = clone_state(s)
+    >>> c["mu"]["w"] is s["mu"]["w"], c == {"mu": c["mu"], "count": 3}
+    (False, True)
+    """
+    if isinstance(opt_state, Tensor):
+        return opt_state.clone()
+    if isinstance(opt_state, dict):
+        return {k: clone_state(v) for k, v in opt_state.items()}
+    if isinstance(opt_state, (list, tuple)):
+        return type(opt_state)(clone_state(v) for v in opt_state)
+    return opt_state
+
+
+# --------------------------------------------------------------------------- walking a state
+
+
+def map_stages(opt_state: Any, kind: str, fn: Callable[[dict], dict], *, into_matches: bool = True) -> Any:
+    """``opt_state`` with ``fn`` applied to every stage state of ``kind``; the same object where nothing changed."""
+    if isinstance(opt_state, dict):
+        if opt_state.get(STAGE) == kind:
+            opt_state = fn(opt_state)
+            if not into_matches:
+                return opt_state
+        new = {k: map_stages(v, kind, fn, into_matches=into_matches) for k, v in opt_state.items()}
+        return opt_state if all(new[k] is v for k, v in opt_state.items()) else new
+    if isinstance(opt_state, (tuple, list)):
+        items = [map_stages(v, kind, fn, into_matches=into_matches) for v in opt_state]
+        return opt_state if all(a is b for a, b in zip(items, opt_state)) else type(opt_state)(items)
+    return opt_state
+
+
+def find_stages(opt_state: Any, kind: str, *, into_matches: bool = True) -> list[dict]:
+    """Every stage state of ``kind`` in ``opt_state``, in order (outermost first)."""
+    found: list[dict] = []
+
+    def visit(s: Any) -> None:
+        if isinstance(s, dict):
+            if s.get(STAGE) == kind:
+                found.append(s)
+                if not into_matches:
+                    return
+            for v in s.values():
+                visit(v)
+        elif isinstance(s, (tuple, list)):
+            for v in s:
+                visit(v)
+
+    visit(opt_state)
+    return found
+
+
+def stage_kinds(opt_state: Any) -> list[str]:
+    """The names of the built-in stages in ``opt_state`` (for error messages)."""
+    kinds: list[str] = []
+
+    def visit(s: Any) -> None:
+        if isinstance(s, dict):
+            if isinstance(s.get(STAGE), str):
+                kinds.append(s[STAGE])
+            for v in s.values():
+                visit(v)
+        elif isinstance(s, (tuple, list)):
+            for v in s:
+                visit(v)
+
+    visit(opt_state)
+    return kinds
+
+
+# --------------------------------------------------------------------------- checking hyperparameters
+
+
+def check_number(
+    who: str,
+    name: str,
+    value: Any,
+    *,
+    low: float = -math.inf,
+    high: float = math.inf,
+    low_open: bool = False,
+    high_open: bool = False,
+    example: Any,
+) -> float:
+    """``value`` as a float if it is a real number in the interval, else an error that names ``name`` and a valid value.
+
+    Types are checked before values are compared, so ``None``, bools and strings get
+    this message too (not ``TypeError: '<=' not supported``).
+
+    >>> check_number("sgd", "momentum", 0.9, low=0.0, high=1.0, high_open=True, example=0.9)
+    0.9
+    >>> check_number("sgd", "momentum", None, low=0.0, high=1.0, high_open=True, example=0.9)
+    Traceback (most recent call last):
+    ...
+    ValueError: sgd: momentum must be a number in [0.0, 1.0), got None. Pass e.g. momentum=0.9.
+    """
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
+    if ok:
+        ok = (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
+    if not ok:
+        interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+        raise ValueError(f"{who}: {name} must be a number in {interval}, got {value!r}. Pass e.g. {name}={example!r}.")
+    return float(value)
+
+
+def check_int(who: str, name: str, value: Any, *, low: int, example: int) -> int:
+    """``value`` if it is an int (not a bool) ``>= low``, else an error that names ``name`` and a valid value.
+
+    >>> check_int("MultiSteps", "every_k", 0, low=1, example=4)
+    Traceback (most recent call last):
+    ...
+    ValueError: MultiSteps: every_k must be an int >= 1, got 0. Pass e.g. every_k=4.
+    """
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        raise ValueError(f"{who}: {name} must be an int >= {low}, got {value!r}. Pass e.g. {name}={example!r}.")
+    return value
