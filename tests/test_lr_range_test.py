@@ -254,3 +254,30 @@ def test_demo_trains_at_the_suggested_lr_and_reaches_its_accuracy_target(tmp_pat
     assert out["lr"] != 3e-3  # it took the suggestion, not the default
     assert out["test_acc"] >= 0.95
     assert (tmp_path / "demo" / "version_0" / "lr_find.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_find_lr_works_through_groups_schedules_and_a_wrapper_of_ones_own():
+    x, y, _ = linear_regression()
+    data = [(x[i : i + 64], y[i : i + 64]) for i in range(0, 512, 64)]
+
+    def own_wrapper(inner):  # a user's own stage around a trainkit optimizer, state nested in a dict
+        def update(u, s, p):
+            u, s2 = inner.update(u, s["inner"], p)
+            return u, {"inner": s2}
+
+        return tk.optim.GradientTransformation(lambda p: {"inner": inner.init(p)}, update)
+
+    groups = tk.optim.partition({"w": tk.optim.sgd(0.1), "b": tk.optim.adam(1e-3)}, lambda n, p: "w" if p.ndim > 1 else "b")
+    for tx in (own_wrapper(tk.optim.sgd(0.1)), groups, tk.optim.sgd(tk.optim.linear_schedule(0.0, 0.1, 10))):
+        state = tk.TrainState.create(torch.nn.Linear(8, 1), tx)
+        seen = []
+
+        def step(s, batch):
+            seen.append(tk.optim.get_lrs(s.opt_state))
+            return mse_step(s, batch)
+
+        result = tk.find_lr(step, state, data, min_lr=1e-4, max_lr=1e-1, num_steps=5)
+        assert len(result.lrs) == 5 and result.lrs[0] == pytest.approx(1e-4) and result.lrs[-1] == pytest.approx(1e-1)
+        assert [lrs[0] for lrs in seen] == pytest.approx(result.lrs)  # each step ran at the sweep's LR (every group)
+        assert all(len(set(lrs)) == 1 for lrs in seen)
+        assert state.lr == tk.TrainState.create(torch.nn.Linear(8, 1), tx).lr  # the caller's lasting LR is untouched

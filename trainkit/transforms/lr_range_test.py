@@ -27,6 +27,7 @@ from typing import Any, Callable, Iterable, Mapping, Union
 import torch
 from torch import Tensor
 
+from .. import optim
 from ..functional import donating
 from ..state import TrainState
 from ._base import applied_transforms, mark, two_forms
@@ -100,9 +101,10 @@ def lr_range_test(
     """Set the LR of each call from a sweep, and record ``(lr, loss)`` in ``state.slots["lr_range_test"]``.
 
     Args:
-      step: a batch step that updates with ``state.apply_gradients`` (the LR is set
-        in the state with ``state.with_lr``, so any trainkit optimizer works, schedules
-        included). Omit it to get a transform for :func:`trainkit.compose`.
+      step: a batch step that updates with ``state.apply_gradients`` (each update's LR
+        is set in the state with :func:`trainkit.optim.override_lr`, so any trainkit
+        optimizer works: schedules, param groups (all set to the sweep's LR) and
+        MultiSteps included). Omit it to get a transform for :func:`trainkit.compose`.
       min_lr, max_lr, num_steps, mode: the sweep: call ``i`` uses
         ``min_lr * (max_lr / min_lr) ** (i / (num_steps - 1))`` (``mode="exp"``) or
         the linear interpolation (``mode="linear"``); calls past the end stay at ``max_lr``.
@@ -151,11 +153,12 @@ def lr_range_test(
             i = len(slot["lrs"])
             lr = sweep_lr(i, cfg["min_lr"], cfg["max_lr"], cfg["num_steps"], cfg["mode"])
             try:
-                swept = state.with_lr(lr)
+                # For this update only (the lasting LR or schedule is the caller's): a sweep sets every step's LR.
+                swept = state.replace(opt_state=optim.override_lr(state.opt_state, lr))
             except ValueError as e:
                 raise ValueError(
                     f"lr_range_test: cannot set the LR of this optimizer ({e}). The sweep needs an optimizer "
-                    "with a learning rate: trainkit.optim.sgd/adam/adamw, alone or in optim.chain."
+                    "with a learning rate: trainkit.optim.sgd/adam/adamw, or any chain with optim.scale_by_learning_rate."
                 ) from None
             out = inner(swept, batch)
             if type(out) is not tuple or len(out) != 2 or not isinstance(out[0], TrainState) or not isinstance(out[1], Mapping):
