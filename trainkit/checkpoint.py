@@ -4,25 +4,39 @@ A checkpoint holds only tensors, numbers, strings and plain containers, so it
 loads with ``torch.load(weights_only=True)``: a foreign file cannot run code.
 The module and the optimizer are code, not data: they come from the ``like``
 state you load into, which also fixes the expected names and shapes.
+
+Each file carries its format (``"format": "trainkit.checkpoint/2"``). :func:`load`
+reads only the current format; :func:`load_params` and :func:`load_module` (weights
+for inference, no optimizer) read every trainkit format. Files from elsewhere
+(a plain ``state_dict``, a Lightning checkpoint) are refused with what to do instead.
 """
 
 from __future__ import annotations
 
+import copy
+import errno
 import os
+import pickle
+import pickletools
 import re
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any, Mapping, Union
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from .state import TrainState
 
-__all__ = ["save", "load", "Checkpointer", "CheckpointError"]
+__all__ = ["save", "load", "load_params", "load_module", "Checkpointer", "CheckpointError"]
 
 _FORMAT = "trainkit.checkpoint"
-_VERSION = 1
+# 2: the format tag carries the version; the optimizer state has optim's new layout (params keyed
+# by name). Version 1 files ({"format": "trainkit.checkpoint", "version": 1}) keep their params and
+# buffers readable by load_params / load_module.
+_VERSION = 2
+_TAG = f"{_FORMAT}/{_VERSION}"
 PathLike = Union[str, os.PathLike]
 
 
@@ -47,8 +61,7 @@ def _plain(x: Any, where: str) -> Any:
 
 def _payload(state: TrainState, meta: Mapping[str, Any] | None) -> dict[str, Any]:
     return {
-        "format": _FORMAT,
-        "version": _VERSION,
+        "format": _TAG,
         "state": {
             "step": state.step,
             "params": _plain(state.params, "params"),
@@ -61,10 +74,68 @@ def _payload(state: TrainState, meta: Mapping[str, Any] | None) -> dict[str, Any
     }
 
 
+class _Recording:
+    """A file that remembers the OSError of a failed write: torch.save reports it only as
+    ``[enforce fail at inline_container.cc] unexpected pos``, without the errno."""
+
+    def __init__(self, f: Any) -> None:
+        self.f, self.error = f, None
+
+    def write(self, b: Any) -> int:
+        try:
+            return self.f.write(b)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        try:
+            self.f.flush()
+        except OSError as e:
+            self.error = e
+            raise
+
+
+_CAUSES = {  # errno -> (what happened, what to do)
+    errno.EFBIG: ("the file would exceed the largest file this process may write (the file-size limit, "
+                  "ulimit -f, or the filesystem's maximum)", "raise the limit (ulimit -f unlimited) or save elsewhere"),
+    errno.ENOSPC: ("the disk is full", "free space on it, keep fewer checkpoints (Checkpointer(keep_last=...)) "
+                   "or save elsewhere"),
+    errno.EDQUOT: ("the disk quota is used up", "free space in the quota or save elsewhere"),
+    errno.EACCES: ("permission denied", "make the folder writable or save elsewhere"),
+    errno.EPERM: ("operation not permitted", "make the folder writable or save elsewhere"),
+    errno.EROFS: ("the filesystem is read-only", "save to a writable folder"),
+}
+
+
+def _save_error(e: OSError, path: Path, existed: bool) -> OSError:
+    cause, fix = _CAUSES.get(e.errno, (e.strerror or str(e), "fix the cause or save elsewhere"))
+    code = errno.errorcode.get(e.errno, str(e.errno)) if e.errno is not None else type(e).__name__
+    kept = (f"The previous checkpoint at {str(path)!r} is intact (the new one goes to a temp file, renamed "
+            "over it only once complete)." if existed else f"Nothing was left at {str(path)!r}.")
+    return OSError(e.errno, f"save: could not write {str(path)!r}: {cause} ({code}: {e.strerror}). {kept} "
+                            f"To save: {fix}.")
+
+
+def _write(fd: int, payload: Mapping[str, Any]) -> None:
+    with os.fdopen(fd, "wb") as f:
+        out = _Recording(f)
+        try:
+            torch.save(payload, out)
+        except RuntimeError:
+            if out.error is not None:
+                raise out.error from None  # the OS's reason (EFBIG, ENOSPC...), not torch's "unexpected pos"
+            raise
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def save(state: TrainState, path: PathLike, *, meta: Mapping[str, Any] | None = None) -> Path:
     """Write ``state`` to ``path`` atomically: a temp file in the same folder, fsync, rename.
 
-    A crash or a full disk mid-write leaves any previous file at ``path`` intact.
+    A crash, a full disk or a file-size limit mid-write leaves any previous file at
+    ``path`` intact; the ``OSError`` raised then names the cause (its errno), the path,
+    and what to do.
 
     >>> import torch, tempfile, os, trainkit as tk
     >>> state = tk.TrainState.create(torch.nn.Linear(2, 1), tk.optim.adam(1e-3))
@@ -74,19 +145,22 @@ def save(state: TrainState, path: PathLike, *, meta: Mapping[str, Any] | None = 
     """
     path = Path(path)
     payload = _payload(state, meta)  # fails before touching the disk if the state has foreign objects
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    existed = path.is_file()
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise _save_error(e, path, existed) from e
+    try:
+        _write(fd, payload)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         try:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
+        if isinstance(e, OSError):
+            raise _save_error(e, path, existed) from e
         raise
     try:  # make the rename itself durable
         dfd = os.open(path.parent, os.O_RDONLY)
@@ -99,29 +173,140 @@ def save(state: TrainState, path: PathLike, *, meta: Mapping[str, Any] | None = 
     return path
 
 
-def _read(path: PathLike) -> dict[str, Any]:
+# what torch's safe unpickler allows in a tensor file: never reported as the refused global
+_SAFE_GLOBAL = re.compile(
+    r"^(collections\.OrderedDict|torch\._utils\._rebuild\w*|torch\.\w*Storage|torch\.(float|bfloat|int|uint|bool|complex)\w*)$"
+)
+
+
+def _pickled_globals(data: bytes) -> list[str]:
+    """The globals (``module.name``) that unpickling ``data`` would call, read without running it."""
+    found: list[str] = []
+    strings: list[str] = []
+    memo: dict[int, Any] = {}
+    try:
+        for op, arg, _ in pickletools.genops(data):
+            if op.name in ("GLOBAL", "INST"):
+                found.append(str(arg).replace(" ", "."))
+            elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                found.append(f"{strings[-2]}.{strings[-1]}")
+            elif isinstance(arg, str) and "UNICODE" in op.name:
+                strings.append(arg)
+            elif op.name == "MEMOIZE" and strings:
+                memo[len(memo)] = strings[-1]
+            elif op.name in ("BINPUT", "LONG_BINPUT", "PUT") and strings:
+                memo[int(arg)] = strings[-1]
+            elif op.name in ("BINGET", "LONG_BINGET", "GET") and isinstance(memo.get(int(arg)), str):
+                strings.append(memo[int(arg)])
+    except Exception:  # the end of the pickle, or bytes that are no pickle at all
+        pass
+    return found
+
+
+def _refused_global(e: Exception, path: Path) -> str | None:
+    """The global that torch's safe unpickler refused (from its message, else from the pickle itself)."""
+    m = re.search(r"GLOBAL ([\w.]+)", str(e))
+    if m:
+        return m.group(1)
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as z:
+                data = b"".join(z.read(n) for n in z.namelist() if n.endswith("data.pkl"))
+        else:
+            with open(path, "rb") as f:
+                data = f.read(64 << 20)  # the globals come first; a huge file is not read whole
+    except Exception:
+        return None
+    return next((g for g in _pickled_globals(data) if not _SAFE_GLOBAL.match(g)), None)
+
+
+def _torch_reason(e: Exception) -> str:
+    """torch's error without its advice (which suggests weights_only=False: never ours to give)."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    keep = [ln for ln in lines if not re.search(r"weights_only|Weights only load failed|Check the documentation", ln)]
+    return f"{type(e).__name__}: {' '.join(keep)[:200]}" if keep else type(e).__name__
+
+
+def _torch_load(path: PathLike, who: str) -> Any:
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"load: no checkpoint file at {str(path)!r}.")
+        raise FileNotFoundError(f"{who}: no checkpoint file at {str(path)!r}.")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, pickle with code in it, random bytes...
+        name = _refused_global(e, path) if isinstance(e, pickle.UnpicklingError) else None
+        if name is not None:
+            raise CheckpointError(
+                f"{who}: refused {str(path)!r}: loading it would run code (it calls the Python global {name}), "
+                "and a trainkit checkpoint holds only tensors, numbers and strings. It was not written by "
+                "trainkit.save (torch.save of a whole module or object?) or it was tampered with. Load a checkpoint "
+                "written by trainkit.save; if you made this file, save the model's tensors instead: "
+                "torch.save(model.state_dict(), path)."
+            ) from None
         raise CheckpointError(
-            f"load: {str(path)!r} is not a readable trainkit checkpoint ({type(e).__name__}: {str(e)[:200]}). "
-            "The file is truncated, corrupt or not a checkpoint; load an earlier one "
-            "(Checkpointer keeps the last N)."
+            f"{who}: {str(path)!r} is not a readable trainkit checkpoint ({_torch_reason(e)}). "
+            "The file is truncated, corrupt or not a checkpoint; load an earlier one (Checkpointer keeps the last N)."
         ) from None
-    if not isinstance(payload, dict) or payload.get("format") != _FORMAT:
+
+
+def _version(payload: Any) -> int | None:
+    """The trainkit checkpoint format of ``payload``, or ``None`` for a foreign file."""
+    if not isinstance(payload, dict) or not isinstance(payload.get("format"), str):
+        return None
+    tag = payload["format"]
+    if tag == _FORMAT:  # format 1 kept the version apart
+        return payload["version"] if isinstance(payload.get("version"), int) else None
+    m = re.fullmatch(re.escape(_FORMAT) + r"/(\d+)", tag)
+    return int(m.group(1)) if m else None
+
+
+def _is_tensor_dict(x: Any) -> bool:
+    return isinstance(x, Mapping) and bool(x) and all(isinstance(k, str) and isinstance(v, Tensor) for k, v in x.items())
+
+
+def _foreign(payload: Any, path: Path, who: str) -> CheckpointError:
+    """What a file without a trainkit format is, and what to do with it."""
+    then = "then TrainState.create(module, optimizer)"
+    if _is_tensor_dict(payload):
+        names = list(payload)
+        what = f"a plain state_dict ({len(names)} tensors: {', '.join(map(repr, names[:4]))}{', ...' if len(names) > 4 else ''})"
+        do = f"Load it into the module first: module.load_state_dict(torch.load(path, weights_only=True)), {then}."
+    elif isinstance(payload, dict) and ("pytorch-lightning_version" in payload or {"state_dict", "optimizer_states"} <= set(payload)):
+        what = f"a PyTorch Lightning checkpoint (Lightning {payload.get('pytorch-lightning_version', '?')})"
+        do = ("Load its 'state_dict' entry into your module first (strip the LightningModule attribute prefix, e.g. "
+              f"'model.', from the names) with module.load_state_dict, {then}.")
+    elif isinstance(payload, dict):
+        keys = [str(k) for k in payload][:8]
+        inner = next((k for k in ("state_dict", "model_state_dict", "model") if _is_tensor_dict(payload.get(k))), None)
+        what = f"a dict with keys {keys} and no trainkit format tag"
+        do = (f"Load its {inner!r} entry with module.load_state_dict, {then}." if inner else
+              f"trainkit reads files written by trainkit.save; for a model's weights, module.load_state_dict, {then}.")
+    else:
+        what = f"a torch file holding a {type(payload).__name__}, not a checkpoint dict"
+        do = "trainkit reads files written by trainkit.save."
+    return CheckpointError(f"{who}: {str(path)!r} is not a trainkit checkpoint: it is {what}. {do}")
+
+
+def _read(path: PathLike, who: str = "load", versions: tuple[int, ...] = (_VERSION,)) -> dict[str, Any]:
+    payload = _torch_load(path, who)
+    version = _version(payload)
+    if version is None:
+        raise _foreign(payload, Path(path), who)
+    if version > _VERSION:
         raise CheckpointError(
-            f"load: {str(path)!r} is a torch file but not a trainkit checkpoint (no format tag). "
-            "For a plain state_dict, build the module from it and call TrainState.create."
+            f"{who}: {str(path)!r} was written by a newer trainkit (checkpoint format {version}; this one reads "
+            f"up to {_VERSION}). Upgrade trainkit to load it."
         )
-    if payload.get("version") != _VERSION:
-        raise CheckpointError(f"load: {str(path)!r} has checkpoint version {payload.get('version')}, expected {_VERSION}.")
+    if version not in versions:
+        raise CheckpointError(
+            f"{who}: {str(path)!r} was written by an older trainkit (checkpoint format {version}; this one resumes "
+            f"format {_VERSION}, whose optimizer state has another layout). Retrain, or start from its weights: "
+            "trainkit.load_module(path, module) (or load_params), then TrainState.create."
+        )
     return payload
 
 
-def _diff(kind: str, got: Mapping[str, Tensor], want: Mapping[str, Tensor]) -> list[str]:
+def _diff(kind: str, got: Mapping[str, Tensor], want: Mapping[str, Tensor], dtypes: bool = True) -> list[str]:
     out = []
     missing = [n for n in want if n not in got]
     extra = [n for n in got if n not in want]
@@ -130,7 +315,7 @@ def _diff(kind: str, got: Mapping[str, Tensor], want: Mapping[str, Tensor]) -> l
     if extra:
         out.append(f"{kind} in the file but not in the model: {extra}")
     for n in want:
-        if n in got and (got[n].shape != want[n].shape or got[n].dtype != want[n].dtype):
+        if n in got and (got[n].shape != want[n].shape or (dtypes and got[n].dtype != want[n].dtype)):
             out.append(
                 f"{kind} {n!r}: file has {tuple(got[n].shape)} {got[n].dtype}, model has {tuple(want[n].shape)} {want[n].dtype}"
             )
@@ -189,21 +374,98 @@ def load(path: PathLike, *, like: TrainState) -> TrainState:
     """Load a checkpoint into the structure of ``like`` (its module, optimizer and devices).
 
     Raises :class:`CheckpointError` naming the differing params and shapes when the
-    file comes from another model, and when it is truncated, corrupt or foreign.
-    ``weights_only=True``: loading a file never runs code from it.
+    file comes from another model; when it is truncated, corrupt, foreign (a plain
+    ``state_dict``, a Lightning checkpoint: the message says how to load those), written
+    by another trainkit version, or would run code. ``weights_only=True``: loading a file
+    never runs code from it. For weights without an optimizer, see :func:`load_module`.
+
+    >>> import torch, tempfile, os, trainkit as tk
+    >>> path = os.path.join(tempfile.mkdtemp(), "w.pt")
+    >>> torch.save(torch.nn.Linear(2, 1).state_dict(), path)
+    >>> tk.load(path, like=tk.TrainState.create(torch.nn.Linear(2, 1), tk.optim.sgd(0.1)))
+    Traceback (most recent call last):
+    ...
+    trainkit.checkpoint.CheckpointError: load: '...w.pt' is not a trainkit checkpoint: it is a plain state_dict ...
     """
-    payload = _read(path)
+    payload = _read(path, "load")
     return _restore(payload["state"], like, path)
 
 
 def load_run(path: PathLike, *, like: TrainState) -> tuple[TrainState, dict[str, Any]]:
     """Like :func:`load`, also returning the runner's metadata (epoch, batch, history)."""
-    payload = _read(path)
+    payload = _read(path, "resume")
     meta = payload.get("meta") or {}
     for key in ("epoch", "batch", "history"):
         if key not in meta:
             raise CheckpointError(f"resume: {str(path)!r} was not written by fit (no {key!r}); use trainkit.load instead.")
     return _restore(payload["state"], like, path), meta
+
+
+def _weights(path: PathLike, who: str) -> dict[str, dict[str, Tensor]]:
+    payload = _read(path, who, versions=tuple(range(1, _VERSION + 1)))  # params and buffers: same in every format
+    state = payload.get("state")
+    out = {k: state.get(k) if isinstance(state, Mapping) else None for k in ("params", "buffers")}
+    for k, v in out.items():
+        if not (isinstance(v, Mapping) and all(isinstance(t, Tensor) for t in v.values())):
+            raise CheckpointError(f"{who}: {str(path)!r} has no {k} (a dict of tensors), got {type(v).__name__}. "
+                                  "The file is corrupt; load an earlier checkpoint.")
+    return {k: dict(v) for k, v in out.items()}
+
+
+def load_params(path: PathLike) -> dict[str, dict[str, Tensor]]:
+    """The weights of a trainkit checkpoint: ``{"params": {name: tensor}, "buffers": {name: tensor}}``.
+
+    No optimizer, module or state needed (e.g. to inspect a run, or to start another);
+    reads checkpoints of every trainkit format, on the CPU, with ``weights_only=True``.
+
+    >>> import torch, tempfile, os, trainkit as tk
+    >>> state = tk.TrainState.create(torch.nn.BatchNorm1d(3), tk.optim.adam(1e-3))
+    >>> w = load_params(tk.save(state, os.path.join(tempfile.mkdtemp(), "c.pt")))
+    >>> sorted(w["params"]), sorted(w["buffers"])
+    (['bias', 'weight'], ['num_batches_tracked', 'running_mean', 'running_var'])
+    """
+    return _weights(path, "load_params")
+
+
+def load_module(path: PathLike, module: nn.Module) -> nn.Module:
+    """A copy of ``module`` holding the checkpoint's params and buffers, for inference: no optimizer.
+
+    ``module`` itself is not changed (the copy is a ``copy.deepcopy``). Values are copied
+    into the copy's own tensors, so they keep the module's dtypes and devices (as
+    ``load_state_dict`` does). Reads checkpoints of every trainkit format. Raises
+    :class:`CheckpointError` listing every name missing or extra and every shape that differs.
+
+    >>> import torch, tempfile, os, trainkit as tk
+    >>> state = tk.TrainState.create(torch.nn.Linear(2, 1), tk.optim.adam(1e-3))
+    >>> path = tk.save(state, os.path.join(tempfile.mkdtemp(), "c.pt"))
+    >>> fresh = torch.nn.Linear(2, 1)
+    >>> trained = load_module(path, fresh)
+    >>> trained.weight.equal(state.params["weight"]), fresh.weight.equal(state.params["weight"])
+    (True, False)
+    >>> load_module(path, torch.nn.Linear(3, 1))
+    Traceback (most recent call last):
+    ...
+    trainkit.checkpoint.CheckpointError: load_module: '...c.pt' does not fit this Linear:
+      - param 'weight': file has (1, 2) torch.float32, model has (1, 3) torch.float32
+    Build the module with the same layers and sizes as the run that saved it.
+    """
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"load_module: module must be an nn.Module, got {type(module).__name__}. "
+                        "Pass the model, built as for training, e.g. load_module(path, Net()).")
+    weights = _weights(path, "load_module")
+    out = copy.deepcopy(module)
+    params, buffers = dict(out.named_parameters()), dict(out.named_buffers())
+    problems = _diff("param", weights["params"], params, dtypes=False) + _diff("buffer", weights["buffers"], buffers, dtypes=False)
+    if problems:
+        raise CheckpointError(
+            f"load_module: {str(path)!r} does not fit this {type(module).__name__}:\n  - " + "\n  - ".join(problems)
+            + "\nBuild the module with the same layers and sizes as the run that saved it."
+        )
+    with torch.no_grad():
+        for mine, theirs in ((params, weights["params"]), (buffers, weights["buffers"])):
+            for name, t in theirs.items():
+                mine[name].copy_(t)
+    return out
 
 
 class Checkpointer:
