@@ -160,6 +160,7 @@ def step(state, batch):
 
 state = tk.TrainState.create(torch.nn.Linear(3, 1), tk.optim.adam(1e-2))
 batch = (torch.randn(8, 3), torch.randn(8, 1))
+step(state, batch)  # what the step itself imports on its first call is not check_step's cost
 before = set(sys.modules)
 t0 = time.perf_counter()
 trainkit.testing.check_step(step, state, batch)
@@ -171,8 +172,8 @@ print(repr((seconds, sorted(set(sys.modules) - before), "torch.testing" in befor
 
 def test_first_check_step_imports_nothing_heavy():
     # `import torch` already imports the torch.testing package here (torch 2.13), so the check is
-    # on what the first call adds: torch.testing.assert_close's first call imported sympy and
-    # torch.distributed.tensor (3-4.5 s cold).
+    # on what check_step's first call adds to a step already run once: torch.testing.assert_close's
+    # first call imported sympy and torch.distributed.tensor (3-4.5 s cold).
     import ast
     import subprocess
     import sys
