@@ -361,7 +361,9 @@ def _meta_copy(module: nn.Module) -> nn.Module:
     without what trainkit keeps in a skeleton's ``__dict__``."""
     memo: dict[int, Any] = {}
     for t in (*module.parameters(), *module.buffers()):
-        meta = torch.empty_like(t, device="meta")
+        # torch.empty, not empty_like: empty_like of a meta tensor runs torch._refs, whose first call
+        # imports sympy (seconds); the skeleton needs shapes and dtypes only
+        meta = torch.empty(t.shape, dtype=t.dtype, device="meta")
         memo[id(t)] = nn.Parameter(meta, t.requires_grad) if isinstance(t, nn.Parameter) else meta
     for attr in (_BINDERS_ATTR, _TRACED_ATTR):
         if attr in module.__dict__:
