@@ -18,9 +18,10 @@ import json
 import os
 import re
 import struct
-import sys
 from pathlib import Path
 from typing import Any, Mapping, Union
+
+from . import dist
 
 __all__ = ["TensorBoardLogger", "CSVLogger", "JSONLLogger", "read_scalars", "next_version_dir"]
 
@@ -29,9 +30,8 @@ PathLike = Union[str, os.PathLike]
 
 def _rank() -> int:
     """This process's rank: torch.distributed's once a group is up, else torchrun's ``RANK``, else 0."""
-    dist = sys.modules.get("torch.distributed")  # loaded with torch; not imported here for a logger
-    if dist is not None and dist.is_available() and dist.is_initialized():
-        return dist.get_rank()
+    if dist.is_initialized():
+        return dist.rank()
     try:  # torchrun sets RANK before the script runs, so a logger built before init_process_group knows it
         return int(os.environ.get("RANK", "0"))
     except ValueError:
