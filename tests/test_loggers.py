@@ -187,3 +187,18 @@ def test_next_version_dir_takes_the_next_free_number(tmp_path):
     (tmp_path / "exp" / "version_x").mkdir()
     assert tk.loggers.next_version_dir(tmp_path, "exp").name == "version_4"
     assert tk.loggers.next_version_dir(tmp_path, None) == tmp_path / "version_0"
+
+
+def test_tensorboard_flush_puts_every_logged_scalar_on_disk(tmp_path):
+    # tensorboardX's SummaryWriter.flush() did not wait for its writer thread's queue: the scalars
+    # logged just before it were often not in the file yet.
+    log = tk.TensorBoardLogger(tmp_path, name="f")
+    for step in range(1, 51):
+        log.log_metrics({"loss": 1.0 / step}, step)
+    log.flush()
+    assert [s for s, _ in tk.read_scalars(log.log_dir)["loss"]] == list(range(1, 51))
+    eager = tk.TensorBoardLogger(tmp_path, name="e", flush_secs=1e-9)  # flushes at every write
+    eager.log_metrics({"loss": 2.0}, 1)
+    assert tk.read_scalars(eager.log_dir) == {"loss": [(1, 2.0)]}
+    log.close()
+    eager.close()

@@ -495,9 +495,11 @@ class Checkpointer:
         self.keep_last = keep_last
 
     def due_step(self, step: int) -> bool:
+        """Whether ``fit`` saves after global step ``step`` (every ``every_n_steps``)."""
         return self.every_n_steps is not None and step % self.every_n_steps == 0
 
     def due_epoch(self, epoch: int) -> bool:
+        """Whether ``fit`` saves after epoch ``epoch`` (1-based; every ``every_n_epochs``)."""
         return bool(self.every_n_epochs) and epoch % self.every_n_epochs == 0
 
     def checkpoints(self) -> list[Path]:
@@ -513,6 +515,14 @@ class Checkpointer:
         return found[-1] if found else None
 
     def save(self, state: TrainState, meta: Mapping[str, Any] | None = None) -> Path:
+        """Save ``state`` as ``step-<step>.pt`` (atomically), then delete all but the last ``keep_last``.
+
+        >>> import tempfile, torch, trainkit as tk
+        >>> ck = Checkpointer(tempfile.mkdtemp(), keep_last=1)
+        >>> state = tk.TrainState.create(torch.nn.Linear(2, 1), tk.optim.sgd(0.1))
+        >>> _ = ck.save(state.replace(step=1)); ck.save(state.replace(step=2)).name, len(ck.checkpoints())
+        ('step-000000002.pt', 1)
+        """
         path = save(state, self.directory / f"step-{state.step:09d}.pt", meta=meta)
         if self.keep_last is not None:
             for old in self.checkpoints()[: -self.keep_last]:

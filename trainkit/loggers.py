@@ -18,6 +18,7 @@ import json
 import os
 import re
 import struct
+import time
 from pathlib import Path
 from typing import Any, Mapping, Union
 
@@ -117,16 +118,48 @@ def _write_hparams(log_dir: Path, params: Mapping[str, Any]) -> None:
     (log_dir / "hparams.json").write_text(json.dumps(params, indent=2))
 
 
+class _EventFile:
+    """One TensorBoard event file, written on the calling thread: after ``flush()`` the events are on disk.
+
+    (tensorboardX's ``SummaryWriter`` queues events for a thread, and its ``flush()`` does not
+    wait for the queue: scalars logged just before it could still be missing from the file.)
+    Logging happens at log intervals, so writing synchronously costs nothing measurable.
+    """
+
+    def __init__(self, log_dir: Path, suffix: str, flush_secs: float) -> None:
+        from tensorboardX.event_file_writer import EventsWriter
+
+        self._writer = EventsWriter(str(log_dir / "events"), suffix)
+        self._flush_secs, self._flushed = flush_secs, time.monotonic()
+
+    def add(self, summary: Any, step: int) -> None:
+        from tensorboardX.proto import event_pb2
+
+        self._writer.write_event(event_pb2.Event(wall_time=time.time(), step=int(step), summary=summary))
+        if time.monotonic() - self._flushed >= self._flush_secs:  # a live TensorBoard sees it this soon
+            self.flush()
+
+    def flush(self) -> None:
+        self._writer.flush()
+        self._flushed = time.monotonic()
+
+    def close(self) -> None:
+        self._writer.close()
+
+
 class TensorBoardLogger:
     """Write scalars to ``root/name/version_N/`` for TensorBoard (``tensorboard --logdir runs``).
+
     Nothing is created until the first write, and only on rank 0 of ``torch.distributed``
     (``RANK`` under ``torchrun``, before the process group is up): off rank 0 every method
     is a no-op and ``log_dir`` is ``None``. ``log_dir`` is a property: reading it chooses
     and creates the version folder on rank 0 (so that files can be saved beside the logs).
     ``name=None`` (or ``""``) puts the versions directly under ``root``.
-    ``close()`` may be called any number of times; a write after it opens a new event file
-    in the same folder, so a closed logger keeps working (``fit`` closes it; test metrics
-    logged afterwards still land in the run).
+
+    Logged events reach the disk at ``flush()``, at ``close()``, and at the first write
+    ``flush_secs`` seconds after the last flush. ``close()`` may be called any number of times; a write
+    after it opens a new event file in the same folder, so a closed logger keeps working
+    (``fit`` closes it; test metrics logged afterwards still land in the run).
 
     >>> import tempfile, trainkit as tk
     >>> log = tk.TensorBoardLogger(tempfile.mkdtemp(), name="demo")
@@ -149,7 +182,7 @@ class TensorBoardLogger:
             raise ImportError("TensorBoardLogger: needs tensorboardX, which is not installed. "
                               "pip install tensorboardX, or use CSVLogger / JSONLLogger.")
         self._flush_secs = flush_secs
-        self._writer: Any = None
+        self._file: _EventFile | None = None
         self._opened = 0  # event files opened so far: a reopen after close() writes a new one
 
     @property
@@ -157,26 +190,24 @@ class TensorBoardLogger:
         """``root/name/version_N`` (created on first use), or ``None`` off rank 0."""
         return self._run.path
 
-    def _open(self) -> Any:
-        if self._writer is None:
+    def _open(self) -> _EventFile | None:
+        if self._file is None:
             log_dir = self.log_dir
             if log_dir is None:
                 return None
-            from tensorboardX import SummaryWriter
-
             # event files are named by the second and the host: a suffix keeps a reopened one apart
-            suffix = f".{self._opened}" if self._opened else ""
-            self._writer = SummaryWriter(logdir=str(log_dir), flush_secs=self._flush_secs, filename_suffix=suffix)
+            self._file = _EventFile(log_dir, f".{self._opened}" if self._opened else "", self._flush_secs)
             self._opened += 1
-        return self._writer
+        return self._file
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
-        """Add each metric as a scalar at ``step``."""
+        """Add each metric as a scalar at ``step`` (one event)."""
         values = _floats(metrics, "TensorBoardLogger.log_metrics")
-        writer = self._open()
-        if writer is not None:
-            for k, v in values.items():
-                writer.add_scalar(k, v, global_step=int(step))
+        events = self._open()
+        if events is not None and values:
+            from tensorboardX.summary import Summary, scalar
+
+            events.add(Summary(value=[scalar(k, v).value[0] for k, v in values.items()]), step)
 
     def log_hyperparams(self, params: Mapping[str, Any], metrics: Mapping[str, float] | None = None, *,
                         step: int = 0) -> None:
@@ -188,27 +219,26 @@ class TensorBoardLogger:
         """
         clean = _clean_hparams(params, "TensorBoardLogger.log_hyperparams")
         values = _floats(metrics, "TensorBoardLogger.log_hyperparams")
-        writer = self._open()
-        if writer is None:
+        events = self._open()
+        if events is None:
             return
         from tensorboardX.summary import hparams
 
         _write_hparams(self._run.path, clean)
         for summary in hparams(clean, values):  # experiment, session start, session end
-            writer.file_writer.add_summary(summary)
-        for k, v in values.items():
-            writer.add_scalar(k, v, global_step=int(step))
+            events.add(summary, 0)
+        self.log_metrics(values, step)
 
     def flush(self) -> None:
-        """Write buffered events to disk now."""
-        if self._writer is not None:
-            self._writer.flush()
+        """Write the events logged so far to disk, now."""
+        if self._file is not None:
+            self._file.flush()
 
     def close(self) -> None:
         """Flush and close the event file (again: nothing); a later write opens a new one."""
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
+        if self._file is not None:
+            self._file.close()
+            self._file = None
 
 
 class CSVLogger:
@@ -217,11 +247,13 @@ class CSVLogger:
     Columns grow as new metric names appear (the file is rewritten then, rarely). Each
     row goes to the OS as it is logged, so ``flush`` and ``close`` have nothing to do;
     writes after ``close`` append.
+
     Nothing is created until the first write, and only on rank 0 of ``torch.distributed``
     (``RANK`` under ``torchrun``, before the process group is up): off rank 0 every method
     is a no-op and ``log_dir`` is ``None``. ``log_dir`` is a property: reading it chooses
     and creates the version folder on rank 0 (so that files can be saved beside the logs).
     ``name=None`` (or ``""``) puts the versions directly under ``root``.
+
     >>> import tempfile, trainkit as tk
     >>> log = tk.CSVLogger(tempfile.mkdtemp())
     >>> log.log_metrics({"loss": 1.5}, step=3)
@@ -293,11 +325,13 @@ class JSONLLogger:
 
     Each line is flushed as it is written; ``close`` closes the file (again: nothing) and a
     later write reopens it to append.
+
     Nothing is created until the first write, and only on rank 0 of ``torch.distributed``
     (``RANK`` under ``torchrun``, before the process group is up): off rank 0 every method
     is a no-op and ``log_dir`` is ``None``. ``log_dir`` is a property: reading it chooses
     and creates the version folder on rank 0 (so that files can be saved beside the logs).
     ``name=None`` (or ``""``) puts the versions directly under ``root``.
+
     >>> import tempfile, json, trainkit as tk
     >>> log = tk.JSONLLogger(tempfile.mkdtemp())
     >>> log.log_metrics({"loss": 1.5}, step=3)
@@ -360,6 +394,14 @@ def read_scalars(log_dir: PathLike) -> dict[str, list[tuple[int, float]]]:
     """Read back every scalar in the TensorBoard event files of ``log_dir``: ``{tag: [(step, value)]}``.
 
     Parses the TFRecord framing and the ``Event`` protos directly (no TensorBoard install).
+    Files are read in name order; a record still being written at the end of one is skipped.
+
+    >>> import tempfile, trainkit as tk
+    >>> log = tk.TensorBoardLogger(tempfile.mkdtemp(), name=None)
+    >>> log.log_metrics({"loss": 0.5}, step=2)
+    >>> log.flush()
+    >>> read_scalars(log.log_dir)
+    {'loss': [(2, 0.5)]}
     """
     from tensorboardX.proto import event_pb2
 

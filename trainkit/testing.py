@@ -146,7 +146,12 @@ def assert_trees_equal(actual: Any, expected: Any) -> None:
 
 
 def snapshot(tree: Any) -> list[tuple[str, Any, Any]]:
-    """Copies of every tensor leaf with its version counter, to check later nothing changed."""
+    """Copies of every tensor leaf with its version counter, to check later nothing changed.
+
+    >>> import torch
+    >>> [(path, version) for path, _, version in snapshot({"w": torch.ones(2), "n": 3})]
+    [("['w']", 0), ("['n']", None)]
+    """
     out = []
     for path, x in _leaves_with_paths(tree):
         is_t = isinstance(x, Tensor)
