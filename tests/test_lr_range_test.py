@@ -272,7 +272,7 @@ def test_find_lr_works_through_groups_schedules_and_a_wrapper_of_ones_own():
         state = tk.TrainState.create(torch.nn.Linear(8, 1), tx)
         seen = []
 
-        def step(s, batch):
+        def step(s, batch, seen=seen):
             seen.append(tk.optim.get_lrs(s.opt_state))
             return mse_step(s, batch)
 

@@ -19,7 +19,7 @@ def assert_unchanged(before, tree):
     """Values and tensor version counters as in ``before`` (a tk.testing.snapshot)."""
     after = tk.testing.snapshot(tree)
     assert [a[0] for a in after] == [b[0] for b in before]
-    for (path, copy, version), (_, now, now_version) in zip(before, after):
+    for (path, copy, version), (_, now, now_version) in zip(before, after, strict=True):
         assert now_version == version, f"{path} was written in place"
         assert torch.equal(now, copy) if isinstance(copy, torch.Tensor) else now == copy, f"{path} changed"
 
@@ -130,7 +130,7 @@ def test_update_is_pure_and_equals_the_fused_donated_apply(tx):
     for gs in grads:
         before = [tk.testing.snapshot(x) for x in (gs, s, unfused)]
         updates, new_s = tx.update(gs, s, unfused)
-        for snap, x in zip(before, (gs, s, unfused)):
+        for snap, x in zip(before, (gs, s, unfused), strict=True):
             assert_unchanged(snap, x)  # values and version counters
         unfused, s = optim.apply_updates(unfused, updates), new_s
         fused, s_fused = optim.apply_gradients(tx, gs, s_fused, fused, donate=True)
@@ -163,7 +163,7 @@ def torch_lrs(make_scheduler, steps, lr=0.1):
 
 
 def assert_schedule_equals(ours, theirs):
-    for i, (a, b) in enumerate(zip([ours(i) for i in range(len(theirs))], theirs)):
+    for i, (a, b) in enumerate(zip([ours(i) for i in range(len(theirs))], theirs, strict=True)):
         assert math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-12), (i, a, b)
 
 
@@ -325,3 +325,39 @@ def test_the_lr_range_test_and_set_lr_refuse_bad_lrs():
     for bad in (None, True, "0.1", -1.0, float("nan")):
         with pytest.raises(ValueError, match="lr must be a finite number >= 0"):
             optim.set_lr(s, bad)
+
+
+# --------------------------------------------------------------------------- under trainkit.jit
+
+
+def _mse_step(state, batch):
+    x, y = batch
+    loss, grads = tk.value_and_grad(lambda p: torch.nn.functional.mse_loss(state.apply(p, x)[0], y))(state.params)
+    return state.apply_gradients(grads), {"loss": loss}
+
+
+@pytest.mark.parametrize(
+    "make_tx",
+    [
+        lambda: optim.chain(optim.clip_by_global_norm(1.0), optim.adamw(optim.cosine_decay_schedule(0.01, 20), mask=optim.decay_mask)),
+        lambda: optim.sgd(0.05, momentum=0.9, nesterov=True, weight_decay=0.01),
+        lambda: optim.chain(
+            optim.partition({"w": optim.adam(0.01), "b": optim.sgd(0.1)}, lambda n, p: "w" if p.ndim > 1 else "b"), optim.param_ema(0.9)
+        ),
+    ],
+)
+def test_every_stage_runs_under_jit_with_tensor_lrs_and_a_lasting_change_does_not_recompile(make_tx):
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(8, 3, generator=g), torch.randn(8, 2, generator=g)) for _ in range(5)]
+    torch.manual_seed(0)
+    net = torch.nn.Linear(3, 2)
+    jitted = tk.jit(_mse_step, backend="aot_eager")
+    s_jit = s_eager = tk.TrainState.create(net, make_tx())
+    for i, batch in enumerate(batches):
+        if i == 3:  # a lasting change mid-run (a plateau rule's): an input of the graph, not a constant
+            s_jit, s_eager = s_jit.with_lr(s_jit.lr * 0.5), s_eager.with_lr(s_eager.lr * 0.5)
+        s_jit, _ = jitted(s_jit, batch)
+        s_eager, _ = _mse_step(s_eager, batch)
+    tk.testing.assert_trees_close((s_jit.params, s_jit.opt_state), (s_eager.params, s_eager.opt_state), rtol=1e-5, atol=1e-6)
+    assert isinstance(s_jit.lr, float) and s_jit.lr == pytest.approx(s_eager.lr)
+    assert jitted.compiles <= 2, jitted.recompile_reasons  # sgd's momentum: torch's first-step rule is a second graph

@@ -100,10 +100,10 @@ def materialize(updates: Any, params: Params) -> Params:
         else:
             contrib = _scaled_list(a, coef)
         positions = range(len(p)) if idx is None else idx
-        for j, c in zip(positions, contrib):
+        for j, c in zip(positions, contrib, strict=True):
             out[j] = c if out[j] is None else out[j] + c  # a new tensor: inputs are never written
-    out = [torch.zeros_like(pi) if o is None else o for o, pi in zip(out, p)]
-    return dict(zip(params, out))
+    out = [torch.zeros_like(pi) if o is None else o for o, pi in zip(out, p, strict=True)]
+    return dict(zip(params, out, strict=True))
 
 
 def apply_(updates: Any, params: Params) -> None:
@@ -217,7 +217,7 @@ def map_stages(opt_state: Any, kind: str, fn: Callable[[dict], dict], *, into_ma
         return opt_state if all(new[k] is v for k, v in opt_state.items()) else new
     if isinstance(opt_state, (tuple, list)):
         items = [map_stages(v, kind, fn, into_matches=into_matches) for v in opt_state]
-        return opt_state if all(a is b for a, b in zip(items, opt_state)) else type(opt_state)(items)
+        return opt_state if all(a is b for a, b in zip(items, opt_state, strict=True)) else type(opt_state)(items)
     return opt_state
 
 

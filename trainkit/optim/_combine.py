@@ -46,7 +46,7 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
                 "(TrainState.create(module, tx) or optim.init(tx, params)); a state or checkpoint of another optimizer does not fit."
             )
         new_states = []
-        for run, s in zip(runs, state):
+        for run, s in zip(runs, state, strict=True):
             updates, s = run(updates, s, params)
             new_states.append(s)
         return updates, tuple(new_states)

@@ -48,7 +48,7 @@ def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> Grad
             return [torch.empty_like(t) for t in like]
         ws = getattr(local, "ws", None)
         if ws is None or len(ws) != len(like) or any(
-            a.shape != b.shape or a.dtype != b.dtype or a.device != b.device for a, b in zip(ws, like)
+            a.shape != b.shape or a.dtype != b.dtype or a.device != b.device for a, b in zip(ws, like, strict=True)
         ):
             ws = local.ws = [torch.empty_like(t) for t in like]
         return ws
@@ -112,7 +112,7 @@ def trace(decay: float, *, nesterov: bool = False, dampening: float = 0.0) -> Gr
             torch._foreach_mul_(bufs, decay)
             torch._foreach_add_(bufs, g, alpha=1 - dampening)
         out = torch._foreach_add(g, bufs, alpha=decay) if nesterov else bufs
-        return dict(zip(params, out)), {**state, "count": state["count"] + 1}
+        return dict(zip(params, out, strict=True)), {**state, "count": state["count"] + 1}
 
     return stage(donated, init)
 
@@ -252,7 +252,7 @@ def clip_by_global_norm(max_norm: float) -> GradientTransformation:
         g = list(u.values())
         norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(g)))
         coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
-        return dict(zip(u, torch._foreach_mul(g, coef.to(g[0].dtype)))), state
+        return dict(zip(u, torch._foreach_mul(g, coef.to(g[0].dtype)), strict=True)), state
 
     return stage(donated, init)
 

@@ -347,9 +347,9 @@ class LRRangeResult:
             fig = Figure(figsize=(6.4, 4.2))
             FigureCanvasAgg(fig)
             ax = fig.add_subplot()
-        pts = [(lr, lo, sm) for lr, lo, sm in zip(self.lrs, self.losses, self.smoothed) if lr > 0]
+        pts = [(lr, lo, sm) for lr, lo, sm in zip(self.lrs, self.losses, self.smoothed, strict=True) if lr > 0]
         if pts:
-            lrs, losses, smoothed = zip(*pts)
+            lrs, losses, smoothed = zip(*pts, strict=True)
             ax.plot(lrs, losses, color="tab:blue", alpha=0.3, linewidth=1, label="loss")
             ax.plot(lrs, smoothed, color="tab:blue", linewidth=2, label="smoothed loss")
             finite = [v for v in smoothed if math.isfinite(v)]
