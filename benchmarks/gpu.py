@@ -238,7 +238,7 @@ class Jax:
 
 def mlp(*sizes: int) -> nn.Sequential:
     layers: list[nn.Module] = []
-    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
         layers += [nn.Linear(a, b)] + ([nn.ReLU()] if i < len(sizes) - 2 else [])
     return nn.Sequential(*layers)
 
@@ -321,7 +321,7 @@ def run_workload(
             break
         for key in names[rnd % len(names) :] + names[: rnd % len(names)]:
             try:
-                per_step[key].append(clock.time(lambda key=key: runners[key].run(start, steps)) / steps)
+                per_step[key].append(clock.time(lambda key=key, start=start: runners[key].run(start, steps)) / steps)
             except Exception as e:  # noqa: BLE001
                 notes[key] = f"failed in round {rnd}: {type(e).__name__}: {str(e).splitlines()[0][:300]}"
                 names.remove(key)
@@ -372,7 +372,7 @@ def goals(results: list[dict[str, Any]]) -> list[str]:
     out = []
     for res in results:
         rows = {r["contender"]: r for r in res["rows"]}
-        ms = lambda k: rows.get(k, {}).get("ms_per_step")  # noqa: E731
+        ms = lambda k, rows=rows: rows.get(k, {}).get("ms_per_step")  # noqa: E731
         if res["name"].startswith("MLP") and ms("hand") and ms("trainkit jit"):
             best = min(v for v in (ms("trainkit jit"), ms("trainkit jit ro")) if v)
             s = ms("hand") / best
@@ -428,7 +428,7 @@ def write_reports(results: list[dict[str, Any]], meta: dict[str, Any], out: Path
         import matplotlib.pyplot as plt
 
         fig, axes = plt.subplots(len(results), 1, figsize=(7, 1.2 + 2.4 * len(results)), squeeze=False)
-        for ax, res in zip(axes[:, 0], results):
+        for ax, res in zip(axes[:, 0], results, strict=True):
             rows = [r for r in res["rows"] if r["steps_per_s"]][::-1]
             ax.barh([r["contender"] for r in rows], [r["steps_per_s"] for r in rows], color="#4c72b0")
             for i, r in enumerate(rows):

@@ -56,7 +56,7 @@ LR = 1e-3
 def mlp(*sizes: int) -> Callable[[], nn.Module]:
     def make() -> nn.Module:
         layers: list[nn.Module] = []
-        for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+        for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
             layers += [nn.Linear(a, b)] + ([nn.ReLU()] if i < len(sizes) - 2 else [])
         return nn.Sequential(*layers)
 
@@ -352,7 +352,7 @@ def chart(results: list[Result], path: Path, env: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(len(results), 1, figsize=(7, 1.2 + 2.1 * len(results)), squeeze=False)
-    for ax, r in zip(axes[:, 0], results):
+    for ax, r in zip(axes[:, 0], results, strict=True):
         r.timings.plot(ax=ax, title=r.workload.name)
     fig.suptitle("steps/s on CPU; labels: speed vs the hand-written loop", fontsize=10)
     fig.text(0.01, 0.005, env, fontsize=6, color="gray")

@@ -130,7 +130,7 @@ def test_fit_with_data_parallel_equals_fit_with_the_step():
     expected, h1 = tk.fit(step, state, loader, epochs=2, progress=False)
     got, h2 = tk.fit(tk.data_parallel(step, devices=["cpu"] * 3), state, loader, epochs=2, progress=False)
     assert_trees_close(got.params, expected.params, **F64)
-    for a, b in zip(h1, h2):
+    for a, b in zip(h1, h2, strict=True):
         assert a.keys() == b.keys() and all(abs(a[k] - b[k]) < 1e-9 for k in a)
 
 
@@ -147,7 +147,7 @@ def test_batchnorm_buffers_are_the_shard_weighted_mean():
     shards = [{"inputs": (batch["inputs"][0][a:b],), "target": batch["target"][a:b]} for a, b in ((0, 4), (4, 8), (8, 11))]
     alone = [train_step(state, s)[0].buffers for s in shards]
     for name in ("1.running_mean", "1.running_var"):
-        expected = sum(w * b[name] for w, b in zip((4 / 11, 4 / 11, 3 / 11), alone))
+        expected = sum(w * b[name] for w, b in zip((4 / 11, 4 / 11, 3 / 11), alone, strict=True))
         assert_trees_close(got.buffers[name], expected, **F64)
     assert got.buffers["1.num_batches_tracked"].item() == 1
     # The running mean is exactly the whole batch's (the weighted mean of shard means is the batch mean).

@@ -340,7 +340,7 @@ def test_every_rank_takes_rank_zeros_decision(tmp_path):
         procs.append(subprocess.Popen([sys.executable, str(script)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     outs = [p.communicate(timeout=120) for p in procs]
     results = []
-    for p, (out, err) in zip(procs, outs):
+    for p, (out, err) in zip(procs, outs, strict=True):
         assert p.returncode == 0, err
         results.append(next(line for line in out.splitlines() if line.startswith("RESULT")).split(maxsplit=2)[2])
     assert results[0] == results[1] == "False 0.7 4 [1.0, 2.0, 3.0, 4.0]"

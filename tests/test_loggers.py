@@ -36,7 +36,7 @@ def test_tensorboard_event_file_written_by_fit_holds_the_scalars(tmp_path):
     scalars = tk.read_scalars(logger.log_dir)
     assert [s for s, _ in scalars["train/loss"]] == [2, 4, 6, 8, 10, 12, 14]
     assert [s for s, _ in scalars["epoch/val_loss"]] == [5, 10, 15]
-    for (_, logged), row in zip(scalars["epoch/val_loss"], history):
+    for (_, logged), row in zip(scalars["epoch/val_loss"], history, strict=True):
         assert abs(logged - row["val_loss"]) < 1e-6
     assert json.loads((logger.log_dir / "hparams.json").read_text()) == {"lr": 0.05, "opt": "sgd"}
     assert tk.TensorBoardLogger(tmp_path, name="exp").log_dir.name == "version_1"

@@ -261,13 +261,13 @@ class Comparison(Mapping[str, StepTiming]):
         head = ["step", "ms/step (median)", "IQR (ms)", "steps/s", f"vs {self.reference}"]
         rows = [
             [k, _ms(t.median), f"{_ms(t.q1)}-{_ms(t.q3)}", f"{t.steps_per_s:,.0f}", f"{s:.2f}x"]
-            for (k, t), s in zip(self._t.items(), self.speedups().values())
+            for (k, t), s in zip(self._t.items(), self.speedups().values(), strict=True)
         ]
         if markdown:
             lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
             return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
-        widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
-        fmt = lambda r: "  ".join(str(x).ljust(w) if i == 0 else str(x).rjust(w) for i, (x, w) in enumerate(zip(r, widths)))
+        widths = [max(len(str(x)) for x in col) for col in zip(head, *rows, strict=True)]
+        fmt = lambda r: "  ".join(str(x).ljust(w) if i == 0 else str(x).rjust(w) for i, (x, w) in enumerate(zip(r, widths, strict=True)))
         return "\n".join([fmt(head), fmt(["-" * w for w in widths])] + [fmt(r) for r in rows])
 
     def plot(self, path: Union[str, os.PathLike, None] = None, ax: Any = None, title: str | None = None) -> Any:
@@ -282,11 +282,11 @@ class Comparison(Mapping[str, StepTiming]):
             fig, ax = plt.subplots(figsize=(6.4, 0.6 + 0.45 * len(self)))
         names = list(self._t)[::-1]
         rates = [self._t[k].steps_per_s for k in names]
-        lo = [r - 1 / self._t[k].q3 for k, r in zip(names, rates)]
-        hi = [1 / self._t[k].q1 - r for k, r in zip(names, rates)]
+        lo = [r - 1 / self._t[k].q3 for k, r in zip(names, rates, strict=True)]
+        hi = [1 / self._t[k].q1 - r for k, r in zip(names, rates, strict=True)]
         bars = ax.barh(names, rates, xerr=[lo, hi], color="#4c72b0", capsize=3)
         speed = self.speedups()
-        for bar, k, up in zip(bars, names, hi):  # the label after the error bar
+        for bar, k, up in zip(bars, names, hi, strict=True):  # the label after the error bar
             ax.text(bar.get_width() + up, bar.get_y() + bar.get_height() / 2, f" {speed[k]:.2f}x", va="center")
         ax.set_xlabel("steps/s (median; bars: IQR)")
         ax.set_title(title or f"speed vs {self.reference} on {self._t[self.reference].device}")

@@ -357,7 +357,7 @@ def _restore(state: Mapping[str, Any], like: TrainState, path: PathLike) -> Trai
             return {k: place(v, ref.get(k) if isinstance(ref, Mapping) else None) for k, v in x.items()}
         if isinstance(x, (list, tuple)):
             refs = list(ref) if isinstance(ref, (list, tuple)) and len(ref) == len(x) else [None] * len(x)
-            return type(x)(place(v, r) for v, r in zip(x, refs))
+            return type(x)(place(v, r) for v, r in zip(x, refs, strict=True))
         return x
 
     return like.replace(

@@ -283,7 +283,7 @@ def value_and_grad(
         # state's params are leaves, so no copy and no re-binding of the module).
         if not all(t.requires_grad and t.is_leaf for t in leaves):
             leaves = [t.detach().requires_grad_(t.is_floating_point() or t.is_complex()) for t in leaves]
-            params = dict(zip(names, leaves))
+            params = dict(zip(names, leaves, strict=True))
         with torch.enable_grad():
             out = fn(params, *args, **kwargs)
             if has_aux:
@@ -307,13 +307,13 @@ def value_and_grad(
                     "e.g. state.apply(params, x), not from state.params captured outside."
                 )
             grads = list(torch.autograd.grad(differentiated, leaves, allow_unused=True))
-        for i, (g, p) in enumerate(zip(grads, leaves)):
+        for i, (g, p) in enumerate(zip(grads, leaves, strict=True)):
             if g is None:
                 grads[i] = torch.zeros_like(p)
         for h in active:
             grads = h.grads(grads, leaves)
         result = (loss.detach(), aux) if has_aux else loss.detach()
-        return result, dict(zip(names, grads))
+        return result, dict(zip(names, grads, strict=True))
 
     wrapped.__wrapped__ = fn  # type: ignore[attr-defined]
     return wrapped

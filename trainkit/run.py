@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from . import dist
+from .checkpoint import load_run
 from .contract import EpochData, batch_size, check_eval_output, check_step_output, gauges_of, is_epoch_step
 from .functional import donating
 from .metrics import Mean, check_finite, to_floats
@@ -462,8 +463,6 @@ def _start(state: TrainState, checkpoint: Any, resume: Any, gauges: frozenset[st
         path = checkpoint.latest() if str(resume) == "latest" else resume
     if path is None:
         return state.clone(), RunPosition(mean=Mean(gauges)), False  # fit donates its own copy
-    from .checkpoint import load_run
-
     state, meta = load_run(path, like=state)  # new tensors: nothing of the caller's is donated
     return state, RunPosition.from_meta(meta, gauges), True
 

@@ -37,7 +37,7 @@ class _Binder:
 
     def bind(self, params: Mapping[str, Tensor], buffers: Mapping[str, Tensor], train: bool) -> nn.Module:
         key = (*(params[n] for _, _, n in self.slots_p), *(buffers[n] for _, _, n in self.slots_b))
-        if len(key) != len(self.bound) or any(x is not y for x, y in zip(key, self.bound)):
+        if len(key) != len(self.bound) or any(x is not y for x, y in zip(key, self.bound, strict=True)):
             for (mod, attr, n) in self.slots_p:
                 mod._parameters[attr] = params[n]
             for (mod, attr, n) in self.slots_b:
@@ -115,8 +115,8 @@ class TrainState:
 
         >>> import torch, trainkit as tk
         >>> s = tk.TrainState.create(torch.nn.Linear(3, 2), tk.optim.adam(1e-3), dtype=torch.float64)
-        >>> s.params["weight"].dtype, s.opt_state["count"]
-        (torch.float64, 0)
+        >>> s.params["weight"].dtype, s.lr, s.step
+        (torch.float64, 0.001, 0)
         """
         if not isinstance(module, nn.Module):
             raise TypeError(f"TrainState.create: module must be an nn.Module, got {type(module).__name__}.")

@@ -130,7 +130,7 @@ def assert_trees_close(actual: Any, expected: Any, *, rtol: float | None = None,
     a, b = _leaves_with_paths(actual), _leaves_with_paths(expected)
     if [p for p, _ in a] != [p for p, _ in b]:
         raise AssertionError(f"trees differ in structure:\n  actual:   {[p for p, _ in a]}\n  expected: {[p for p, _ in b]}")
-    for (path, x), (_, y) in zip(a, b):
+    for (path, x), (_, y) in zip(a, b, strict=True):
         why = _leaf_mismatch(x, y, rtol, atol)
         if why is not None:
             raise AssertionError(f"trees differ at {path}: {why}")
@@ -161,7 +161,7 @@ def snapshot(tree: Any) -> list[tuple[str, Any, Any]]:
 
 def _assert_unchanged(before: list[tuple[str, Any, Any]], tree: Any, what: str) -> None:
     after = _leaves_with_paths(tree)
-    for (path, copy, version), (_, x) in zip(before, after):
+    for (path, copy, version), (_, x) in zip(before, after, strict=True):
         if isinstance(x, Tensor):
             if x._version != version:
                 raise AssertionError(
@@ -251,7 +251,7 @@ def check_step(
             )
         names = list(state.params)
         grads = recorder.calls[-1]
-        zero = [n for n, g in zip(names, grads) if not bool(g.ne(0).any())]
+        zero = [n for n, g in zip(names, grads, strict=True) if not bool(g.ne(0).any())]
         if zero:
             raise AssertionError(
                 f"check_step: parameters with an all-zero gradient: {zero}. They do not reach the loss "

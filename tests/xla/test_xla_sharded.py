@@ -140,7 +140,7 @@ def test_fit_runs_an_xla_sharded_step_end_to_end():
     expected, expected_history = tk.fit(train_step, state, train, epochs=3, eval_step=eval_step, val_loader=val, progress=False)
     assert got.device.type == "xla" and got.step == 18 and state.device.type == "cpu"
     tk.testing.assert_trees_close(cpu(got.params), cpu(expected.params), rtol=1e-5, atol=1e-5)
-    for a, b in zip(history, expected_history):
+    for a, b in zip(history, expected_history, strict=True):
         assert a.keys() == b.keys() and all(abs(a[k] - b[k]) < 1e-4 for k in a), (a, b)
     assert history[-1]["train_loss"] < history[0]["train_loss"]
 

@@ -5,10 +5,8 @@ from __future__ import annotations
 import functools
 from typing import Any, Callable, TypeVar
 
-__all__ = ["compose", "applied_transforms", "mark", "two_forms", "check_parallel_target", "PARALLEL"]
+__all__ = ["compose", "applied_transforms", "mark", "two_forms"]
 
-# The transforms that spread a step over devices or processes: at most one per step.
-PARALLEL = ("data_parallel", "distributed", "xla_sharded")
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -62,9 +60,9 @@ def mark(wrapper: F, inner: Callable[..., Any], name: str) -> F:
     functools.update_wrapper(wrapper, inner, assigned=("__module__", "__name__", "__qualname__", "__doc__"), updated=())
     wrapper.__wrapped__ = inner  # type: ignore[attr-defined]
     wrapper.__trainkit_transforms__ = applied_transforms(inner) + (name,)  # type: ignore[attr-defined]
-    level = getattr(inner, "__trainkit_level__", None)
-    if level is not None:
-        wrapper.__trainkit_level__ = level  # type: ignore[attr-defined]
+    for attr in ("__trainkit_level__", "__trainkit_gauges__"):  # the level, and the metrics that are gauges
+        if hasattr(inner, attr):
+            setattr(wrapper, attr, getattr(inner, attr))
     return wrapper
 
 
@@ -82,27 +80,3 @@ def two_forms(step: Any, name: str, make: Callable[[Callable[..., Any]], Callabl
             f"got {type(step).__name__}. For tk.compose, call {name}(...) with keyword arguments only."
         )
     return make(step)
-
-
-def check_parallel_target(name: str, inner: Callable[..., Any], why_not_jit: str) -> None:
-    """What every parallel transform checks when it wraps ``inner`` (for transform authors).
-
-    A batch step (a parallel transform splits batches), no other parallel transform
-    inside, and no ``tk.jit`` inside (``why_not_jit`` says why this one cannot be compiled).
-
-    >>> check_parallel_target("distributed", lambda s, b: (s, {}), "")
-    """
-    if getattr(inner, "__trainkit_level__", "batch") == "epoch":
-        raise TypeError(
-            f"{name} wraps a batch step (state, batch) -> (state, metrics), got an epoch step. "
-            f"Apply it first: tk.epoch_step(tk.{name}(train_step), eval_step)."
-        )
-    applied = applied_transforms(inner)
-    clash = [t for t in applied if t in PARALLEL]
-    if clash:
-        raise ValueError(
-            f"{name}: the step is already wrapped by {clash[0]}; use one parallel transform "
-            "(data_parallel on the devices of one process, distributed across processes, xla_sharded on XLA)."
-        )
-    if "jit" in applied:
-        raise ValueError(f"{name}: the step is compiled by tk.jit, but {why_not_jit}")

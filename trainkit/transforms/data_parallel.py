@@ -54,7 +54,8 @@ from .. import functional as _functional
 from ..contract import check_step_output
 from ..rng import derive_seed
 from ..state import TrainState
-from ._base import check_parallel_target, mark, two_forms
+from ._base import mark, two_forms
+from .table import check_order
 
 __all__ = ["data_parallel"]
 
@@ -269,11 +270,11 @@ def _weighted_metrics(all_metrics: list[Any], sizes: list[int], primary: torch.d
         if all(isinstance(v, Tensor) for v in vals):
             dtype = vals[0].dtype if vals[0].is_floating_point() else torch.get_default_dtype()
             acc = vals[0].detach().to(dtype) * (sizes[0] / total)
-            for v, n in zip(vals[1:], sizes[1:]):
+            for v, n in zip(vals[1:], sizes[1:], strict=True):
                 acc = acc + v.detach().to(primary, dtype, non_blocking=True) * (n / total)
             out[k] = acc
         else:
-            out[k] = sum(float(v) * n for v, n in zip(vals, sizes)) / total
+            out[k] = sum(float(v) * n for v, n in zip(vals, sizes, strict=True)) / total
     return out
 
 
@@ -287,7 +288,7 @@ def _weighted_buffers(states: list[TrainState], sizes: list[int], primary: torch
                 out[name] = b0
                 continue
             acc = b0.clone()
-            for s, n in zip(states[1:], sizes[1:]):
+            for s, n in zip(states[1:], sizes[1:], strict=True):
                 acc.add_(s.buffers[name].to(primary, non_blocking=True) - b0, alpha=n / total)
             out[name] = acc
     return out
@@ -383,12 +384,7 @@ def data_parallel(step: Callable[..., Any] | None = None, *, devices: DeviceSpec
     devs = _resolve_devices(devices)
 
     def make(inner: Callable[..., Any]) -> Callable[..., Any]:
-        check_parallel_target(
-            "data_parallel",
-            inner,
-            "the replicas meet inside value_and_grad (threads averaging their gradients), which a compiled "
-            "graph cannot hold. Use data_parallel without tk.jit, or tk.jit on one device."
-        )
+        check_order("data_parallel", inner)
         replicas = _Pool(len(devs))
 
         def data_parallel_step(state: TrainState, batch: Any) -> tuple[TrainState, dict[str, Any]]:

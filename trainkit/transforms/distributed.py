@@ -52,7 +52,8 @@ from .. import functional as _functional
 from ..contract import batch_size, check_step_output
 from ..dist import DistributedError, reduce_means, shard_loader
 from ..state import TrainState
-from ._base import check_parallel_target, mark, two_forms
+from ._base import mark, two_forms
+from .table import check_order
 
 __all__ = ["distributed", "DistributedError", "local_device", "shard_loader", "reduce_means"]
 
@@ -224,7 +225,7 @@ class _Round:
         self.step = step
         self.shapes = [p.shape for p in params]
         self.numels = [p.numel() for p in params]
-        self.flats = [torch.empty(n, dtype=d, device=dev) for n, d, dev in zip(layout.sizes, layout.dtypes, layout.devices)]
+        self.flats = [torch.empty(n, dtype=d, device=dev) for n, d, dev in zip(layout.sizes, layout.dtypes, layout.devices, strict=True)]
         self.missing = [len(b) for b in layout.buckets]
         self.captured: list[Tensor | None] = [None] * len(params)
         self.works: list[Any] = [None] * len(layout.buckets)
@@ -266,7 +267,7 @@ class _Round:
 
     def finish(self, grads: list[Tensor]) -> list[Tensor]:
         self.close()
-        if any(c is not None and g is not c for g, c in zip(grads, self.captured)):
+        if any(c is not None and g is not c for g, c in zip(grads, self.captured, strict=True)):
             # A hook outside this transform changed the gradients after backward: what is in
             # flight is stale. Drain it (every rank issued it) and reduce what we were given.
             for b in range(self.launched):
@@ -435,12 +436,7 @@ def distributed(
     cap_bytes = max(1, int(bucket_cap_mb * (1 << 20)))
 
     def make(inner: Callable[..., Any]) -> Callable[..., Any]:
-        check_parallel_target(
-            "distributed",
-            inner,
-            "the gradient all-reduce runs asynchronously during backward, which torch.compile cannot trace "
-            "(async collectives). Use tk.distributed without tk.jit."
-        )
+        check_order("distributed", inner)
         comm = _make_comm(process_group, backend, seconds)
         layouts: dict = {}
         checked = [False]

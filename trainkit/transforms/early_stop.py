@@ -24,7 +24,8 @@ from torch import Tensor
 from .. import dist
 from ..contract import is_epoch_step
 from ..state import TrainState
-from ._base import applied_transforms, mark, two_forms
+from ._base import mark, two_forms
+from .table import check_order
 
 __all__ = ["early_stop", "best_state"]
 
@@ -99,12 +100,7 @@ def early_stop(
     cfg = _validate(monitor, mode, patience, min_delta, stopping_threshold, divergence_threshold, check_finite, restore_best)
 
     def make(inner: Callable[..., Any]) -> Callable[..., Any]:
-        applied = applied_transforms(inner)
-        if NAME in applied:
-            raise ValueError(
-                f"early_stop: the step is already wrapped by early_stop (transforms applied: {list(applied)}); "
-                f"the two would share state.slots[{NAME!r}]. Apply it once, with one monitor."
-            )
+        check_order(NAME, inner)
 
         def wrapped(state: TrainState, data: Any) -> tuple[TrainState, Any]:
             if not isinstance(state, TrainState):

@@ -56,26 +56,14 @@ from torch.utils import _pytree as pytree
 
 from .. import functional as _functional
 from .. import optim as _optim
-from ..contract import is_epoch_step
 from ..rng import derive_seed
 from ..state import TrainState, traced_module
-from ._base import applied_transforms, mark, two_forms
+from ._base import mark, two_forms
+from .table import check_order, not_inside_jit
 
 __all__ = ["jit", "JitError", "RecompileWarning", "RecompileError", "JittedStep"]
 
 _MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-
-# Transforms that cannot stand inside jit, and what to do instead.
-_NOT_INSIDE = {
-    "data_parallel": "its replicas run in threads that wait for each other's gradients. Use data_parallel without jit.",
-    "distributed": "it exchanges gradients with the other processes while backward runs. Use distributed without jit.",
-    "xla_sharded": "XLA traces and compiles the step itself. Use xla_sharded without jit.",
-    "lr_range_test": "it reads the loss on the host every step (to smooth it and stop on divergence). "
-    "Put it outside: tk.lr_range_test(tk.jit(step)), or tk.find_lr(tk.jit(step), state, loader).",
-    "early_stop": "it reads the monitored metric on the host to decide. Put it outside: "
-    "tk.early_stop(tk.epoch_step(tk.jit(step), eval_step), monitor=...).",
-}
-
 
 class JitError(RuntimeError):
     """The step could not be compiled as asked (a graph break under ``fullgraph=True``, ...)."""
@@ -200,10 +188,10 @@ def _check_outer(hooks: tuple[Any, ...], state: TrainState) -> None:
     # replicas: traced into a graph, that would fail, or deadlock on the compile lock.
     for h in hooks:
         if not h.traceable:
-            why = _NOT_INSIDE.get(h.owner, "its hook waits on other threads or processes.")
+            why = not_inside_jit(h.owner) or "its hook waits on other threads or processes."
             raise JitError(f"jit: the step runs under {h.owner}, which cannot be inside one compiled graph: {why}")
     if state.device.type == "xla":
-        raise JitError(f"jit: the state is on an XLA device: {_NOT_INSIDE['xla_sharded']}")
+        raise JitError(f"jit: the state is on an XLA device: {not_inside_jit('xla_sharded')}")
 
 
 class _Backend:
@@ -489,16 +477,7 @@ def jit(
             raise ValueError(f"jit: unknown inductor option(s) {unknown}; see torch._inductor.config (e.g. 'fallback_random').")
 
     def make(step: Callable[..., Any]) -> JittedStep:
-        if is_epoch_step(step):
-            raise TypeError(
-                "jit: got an epoch-level step (made by tk.epoch_step). jit compiles a batch step: "
-                "jit the batch step, then fold it, e.g. tk.epoch_step(tk.jit(step), eval_step)."
-            )
-        if isinstance(step, JittedStep):
-            raise TypeError("jit: the step is already jitted; wrap it once.")
-        for name in applied_transforms(step):
-            if name in _NOT_INSIDE:
-                raise ValueError(f"jit: the step is wrapped by {name}, which cannot run inside one compiled graph: {_NOT_INSIDE[name]}")
+        check_order("jit", step)
         jitted = JittedStep(
             step,
             mode=mode,

@@ -18,10 +18,11 @@ from typing import Any, Callable, Mapping, Sequence, Union
 import torch
 from torch import Tensor
 
-from ..contract import is_epoch_step
+from ..contract import gauges
 from ..functional import StepHook, hooks
 from ..state import TrainState
-from ._base import applied_transforms, mark, two_forms
+from ._base import mark, two_forms
+from .table import check_order
 
 __all__ = ["mixed_precision"]
 
@@ -29,9 +30,6 @@ NAME = "mixed_precision"
 _DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 _UNSET: Any = object()
 _F32_MAX = torch.finfo(torch.float32).max
-# Transforms that reduce gradients across replicas: mixed_precision must stand inside them
-# (see the docstring), so that every replica checks the same, reduced gradients.
-_SCALE_OUT = ("distributed", "data_parallel")
 
 
 def _f32(x: float) -> float:
@@ -183,7 +181,7 @@ def mixed_precision(
         cfg = _validate_fp16(loss_scale, policy_given)
 
     def make(inner: Callable[..., Any]) -> Callable[..., Any]:
-        _check_order(inner)
+        check_order(NAME, inner)
         if dtype == torch.float32:
             # Off: the very same step, bit for bit (no autocast, no hook, no slot, no metrics).
             def off(state: TrainState, batch: Any) -> Any:
@@ -221,7 +219,7 @@ def mixed_precision(
             }
             return new_state.replace(slots={**new_state.slots, NAME: new_slot}), metrics
 
-        return mark(fp16, inner, NAME)
+        return gauges("loss_scale", "skipped_steps")(mark(fp16, inner, NAME))  # their epoch value is the last
 
     return two_forms(step, NAME, make)
 
@@ -288,24 +286,4 @@ def _check_state(state: Any) -> None:
         raise ValueError(
             f"mixed_precision: state.slots[{NAME!r}] is not a loss-scaling state (got {slot!r}); "
             "another transform wrote this slot, or the state comes from elsewhere."
-        )
-
-
-def _check_order(inner: Callable[..., Any]) -> None:
-    applied = applied_transforms(inner)
-    if NAME in applied:
-        raise ValueError(
-            f"mixed_precision: the step is already wrapped by mixed_precision (transforms applied: {list(applied)}). Apply it once."
-        )
-    if is_epoch_step(inner):
-        raise ValueError(
-            "mixed_precision: got an epoch step; it wraps a batch step (one loss-scale update per optimizer step). "
-            "Wrap the batch step first: tk.epoch_step(tk.mixed_precision(train_step, dtype=...), eval_step)."
-        )
-    outside = [t for t in applied if t in _SCALE_OUT]
-    if outside:
-        raise ValueError(
-            f"mixed_precision: the step is already wrapped by {outside[0]}; mixed_precision must stand inside it, "
-            "so that the finiteness check sees the reduced gradients and every replica skips the same steps. "
-            f"Write tk.compose(tk.{outside[0]}(...), tk.mixed_precision(...))(step)."
         )

@@ -39,7 +39,8 @@ from torch.utils import _pytree as pytree
 from ..contract import check_step_output
 from ..rng import derive_seed
 from ..state import TrainState
-from ._base import check_parallel_target, mark, two_forms
+from ._base import mark, two_forms
+from .table import check_order
 
 __all__ = ["xla_sharded"]
 
@@ -130,12 +131,7 @@ def xla_sharded(
         )
 
     def make(inner: Callable[..., Any]) -> Callable[..., Any]:
-        check_parallel_target(
-            "xla_sharded",
-            inner,
-            "xla_sharded already traces and compiles the whole step with XLA (tk.jit is torch.compile for "
-            "CPU/CUDA). Drop tk.jit."
-        )
+        check_order("xla_sharded", inner)
         if not xr.is_spmd():
             xr.use_spmd()  # process-wide, and before any XLA tensor exists
         the_mesh = mesh
@@ -157,12 +153,12 @@ def xla_sharded(
         def to_device(tensors: list[Tensor], specs: list[tuple[Any, ...]]) -> list[Tensor]:
             if len(the_mesh.mesh_shape) == 1:
                 # Straight to their shards (what MpDeviceLoader does), not replicated first and resharded.
-                shardings = [xs.ShardingSpec(the_mesh, spec).xla_spec(t) for t, spec in zip(tensors, specs)]
+                shardings = [xs.ShardingSpec(the_mesh, spec).xla_spec(t) for t, spec in zip(tensors, specs, strict=True)]
                 cpu = [t.detach().contiguous() for t in tensors]
                 return torch_xla._XLAC._xla_tensors_from_aten(cpu, [str(device)] * len(tensors), shardings)
             # torch_xla 2.9 cannot slice a partially replicated sharding on the host: move, then mark.
             out = [t.detach().to(device) for t in tensors]
-            for t, spec in zip(out, specs):
+            for t, spec in zip(out, specs, strict=True):
                 annotate(t, spec)
             return out
 
@@ -175,7 +171,7 @@ def xla_sharded(
             cpu = [i for i, t in enumerate(leaves) if isinstance(t, Tensor) and t.device.type != "xla"]
             if cpu:
                 moved = to_device([leaves[i] for i in cpu], [spec_of(leaves[i]) for i in cpu])
-                for i, t in zip(cpu, moved):
+                for i, t in zip(cpu, moved, strict=True):
                     leaves[i] = t.requires_grad_(leaves[i].requires_grad)
                 params, buffers, opt_state, slots = pytree.tree_unflatten(leaves, spec)
                 state = state.replace(params=params, buffers=buffers, opt_state=opt_state, slots=slots)
@@ -194,7 +190,7 @@ def xla_sharded(
             cpu = [i for i, t in enumerate(leaves) if isinstance(t, Tensor) and t.device.type != "xla"]
             if cpu:
                 specs = [(data_axis,) + (None,) * (leaves[i].dim() - 1) if leaves[i].dim() else () for i in cpu]
-                for i, t in zip(cpu, to_device([leaves[i] for i in cpu], specs)):
+                for i, t in zip(cpu, to_device([leaves[i] for i in cpu], specs), strict=True):
                     leaves[i] = t
             for t in leaves:
                 if isinstance(t, Tensor) and t.dim():
