@@ -64,3 +64,17 @@ def test_checkpointed_and_one_line_to_evaluate(tmp_path):
 def test_an_optimizer_without_ema_says_how_to_add_one():
     with pytest.raises(ValueError, match=r"keeps no EMA of the weights.*optim.param_ema\(0.999\)"):
         optim.ema_params(optim.init(optim.adam(1e-3), {"w": torch.zeros(1)}))
+
+
+def test_ema_inside_or_outside_multisteps_follows_the_applied_updates_only():
+    params = {"w": torch.zeros(2)}
+    grads = [{"w": torch.full((2,), float(i))} for i in range(6)]
+    inside = optim.MultiSteps(optim.chain(optim.sgd(0.1), optim.param_ema(0.5)), every_k=3)
+    outside = optim.chain(optim.MultiSteps(optim.sgd(0.1), every_k=3), optim.param_ema(0.5))
+    results = []
+    for tx in (inside, outside):
+        p, s = dict(params), optim.init(tx, params)
+        for gs in grads:
+            p, s = optim.apply_gradients(tx, gs, s, p, donate=True)
+        results.append((p, optim.ema_params(s), optim.find_state(s, "count")))
+    tk.testing.assert_trees_equal(results[0][:2], results[1][:2])

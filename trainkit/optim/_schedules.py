@@ -15,14 +15,13 @@ from ._base import check_int, check_number
 Schedule = Callable[[int], float]
 
 
-
-
 def constant_schedule(value: float) -> Schedule:
     """``lambda count: value``.
 
     >>> constant_schedule(0.1)(1000)
     0.1
     """
+    value = check_number("constant_schedule", "value", value, low=0.0, example=1e-3)
     return lambda count: value
 
 
@@ -33,8 +32,9 @@ def linear_schedule(init_value: float, end_value: float, transition_steps: int) 
     >>> [s(i) for i in (0, 2, 4, 10)]
     [0.0, 0.5, 1.0, 1.0]
     """
-    if transition_steps <= 0:
-        raise ValueError(f"linear_schedule: transition_steps must be > 0, got {transition_steps}.")
+    init_value = check_number("linear_schedule", "init_value", init_value, example=0.0)
+    end_value = check_number("linear_schedule", "end_value", end_value, example=1e-3)
+    transition_steps = check_int("linear_schedule", "transition_steps", transition_steps, low=1, example=1000)
     return lambda count: init_value + (end_value - init_value) * min(count, transition_steps) / transition_steps
 
 
@@ -45,8 +45,9 @@ def cosine_decay_schedule(init_value: float, decay_steps: int, alpha: float = 0.
     >>> s(0), round(s(5), 6), s(10)
     (1.0, 0.5, 0.0)
     """
-    if decay_steps <= 0:
-        raise ValueError(f"cosine_decay_schedule: decay_steps must be > 0, got {decay_steps}.")
+    init_value = check_number("cosine_decay_schedule", "init_value", init_value, low=0.0, example=1e-3)
+    decay_steps = check_int("cosine_decay_schedule", "decay_steps", decay_steps, low=1, example=1000)
+    alpha = check_number("cosine_decay_schedule", "alpha", alpha, low=0.0, example=0.0)
 
     def schedule(count: int) -> float:
         frac = min(count, decay_steps) / decay_steps
@@ -66,7 +67,12 @@ def warmup_cosine_decay_schedule(
     >>> [round(s(i), 3) for i in range(7)]
     [0.0, 0.5, 1.0, 0.854, 0.5, 0.146, 0.0]
     """
-    if not 0 <= warmup_steps < decay_steps:
+    who = "warmup_cosine_decay_schedule"
+    for name, v in (("init_value", init_value), ("peak_value", peak_value), ("end_value", end_value)):
+        check_number(who, name, v, low=0.0, example=1e-3)
+    check_int(who, "warmup_steps", warmup_steps, low=0, example=100)
+    check_int(who, "decay_steps", decay_steps, low=1, example=1000)
+    if not warmup_steps < decay_steps:
         raise ValueError(
             f"warmup_cosine_decay_schedule: need 0 <= warmup_steps < decay_steps, got {warmup_steps}, {decay_steps}."
         )
@@ -90,8 +96,10 @@ def one_cycle_schedule(
     >>> s(0), s(29), round(s(99), 6)
     (0.04, 1.0, 4e-06)
     """
-    if total_steps <= 1:
-        raise ValueError(f"one_cycle_schedule: total_steps must be > 1, got {total_steps}.")
+    max_lr = check_number("one_cycle_schedule", "max_lr", max_lr, low=0.0, example=1e-2)
+    total_steps = check_int("one_cycle_schedule", "total_steps", total_steps, low=2, example=1000)
+    div_factor = check_number("one_cycle_schedule", "div_factor", div_factor, low=0.0, low_open=True, example=25.0)
+    final_div_factor = check_number("one_cycle_schedule", "final_div_factor", final_div_factor, low=0.0, low_open=True, example=1e4)
     check_number("one_cycle_schedule", "pct_start", pct_start, low=0.0, high=1.0, high_open=True, example=0.3)
     initial = max_lr / div_factor
     final = initial / final_div_factor

@@ -214,6 +214,8 @@ def scale_by_learning_rate(lr: ScalarOrSchedule) -> GradientTransformation:
         return {STAGE: "scale_by_learning_rate", "count": 0, "lr": first, "scale": 1.0, "schedule_lr": first}
 
     def donated(updates: Any, state: dict, params: Params) -> tuple[Pending, dict]:
+        if isinstance(updates, Pending) and not updates.terms:  # MultiSteps only accumulated: nothing moved
+            return updates, state
         count = state["count"] + 1
         if schedule is None:
             new = {**state, "count": count, "lr": state["base_lr"]}
@@ -339,6 +341,8 @@ def param_ema(
         return {STAGE: "param_ema", "count": 0, "ema": {n: p.detach().clone() for n, p in params.items()}}
 
     def donated(updates: Any, state: dict, params: Params) -> tuple[Pending, dict]:
+        if isinstance(updates, Pending) and not updates.terms:  # MultiSteps only accumulated: nothing moved
+            return updates, state
         count = state["count"] + 1
         d = ema_decay(count, decay, warmup, warmup_gamma, warmup_power, min_decay, update_after_step)
         ema = state["ema"]
