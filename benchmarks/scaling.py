@@ -74,7 +74,7 @@ def time_steps(step, data: list) -> float:
 
 def time_ddp(data: list) -> float:
     """The reference: torch's DistributedDataParallel and torch.optim.Adam, a hand-written loop."""
-    model = torch.nn.parallel.DistributedDataParallel(make_state().module)
+    model = torch.nn.parallel.DistributedDataParallel(tk.to_module(make_state()).train())
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
 
     def one(b: tuple) -> torch.Tensor:

@@ -57,10 +57,6 @@ html_theme_options = {"description": "Pure training steps for PyTorch, and trans
 # Warnings that a docstring in trainkit causes, silenced one by one until the docstring is fixed:
 # (message start, location end). Remove an entry once its docstring is fixed.
 KNOWN_DOCSTRING_WARNINGS = [
-    # trainkit/transforms/distributed.py, distributed(), "Raises:": napoleon reads a Raises section
-    # as "Type: description" entries; these lines are prose ("RuntimeError at wrap time ...;
-    # ValueError/TypeError for ...") and the ":" of ":class:`DistributedError`" splits one.
-    ("Field list ends without a blank line", "docstring of trainkit.transforms.distributed.distributed:25"),
 ]
 
 

@@ -14,7 +14,7 @@ import importlib
 from typing import Any
 
 from . import contract, dist, metrics, optim, rng
-from .checkpoint import Checkpointer, CheckpointError, load, save
+from .checkpoint import Checkpointer, CheckpointError, load, load_module, load_params, save
 from .contract import EpochData, gauges, is_epoch_step
 from .functional import (
     StepContext,
@@ -94,6 +94,8 @@ __all__ = [
     "should_stop",
     "save",
     "load",
+    "load_module",
+    "load_params",
     "Checkpointer",
     "CheckpointError",
     "TensorBoardLogger",

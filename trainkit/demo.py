@@ -95,9 +95,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     lr = args.lr
     if args.find_lr:  # on a copy of the state: nothing to undo afterwards
         found = tk.find_lr(step, make_state(args.lr, args.epochs, len(train), args.seed), train)
-        found.plot(logger.log_dir / "lr_find.png")
         lr = found.suggestion if found.suggestion is not None else args.lr
-        print(f"find_lr: {found.message}; training at lr {lr:.3g} (plot in {logger.log_dir / 'lr_find.png'})")
+        if logger.log_dir is not None:  # None off rank 0 under torchrun: rank 0 alone writes files
+            found.plot(logger.log_dir / "lr_find.png")
+            print(f"find_lr: {found.message}; training at lr {lr:.3g} (plot in {logger.log_dir / 'lr_find.png'})")
     state = make_state(lr, args.epochs, len(train), args.seed)
     if args.early_stop is not None:
         step = tk.early_stop(tk.epoch_step(step, eval_step), monitor="val_loss", patience=args.early_stop, restore_best=True)

@@ -408,10 +408,11 @@ def distributed(
       ``fit``'s sharding does), so ``W`` ranks equal one process on the global batch.
 
     Raises:
-      RuntimeError at wrap time when there is no process group and no torchrun
-      environment; ValueError/TypeError for bad arguments, an epoch step, or another
-      parallel transform inside. :class:`DistributedError` at call time when a
-      collective fails or times out, or when the ranks start from different states.
+      RuntimeError: at wrap time, when there is no process group and no torchrun environment.
+      ValueError: at wrap time, for bad arguments or another parallel transform inside.
+      TypeError: at wrap time, for an epoch step.
+      DistributedError: at call time, when a collective fails or times out, or when the
+        ranks start from different states.
 
     Where it stands: outermost among the batch-step transforms
     (``tk.compose(tk.distributed(), tk.mixed_precision(...))``), so that inner
