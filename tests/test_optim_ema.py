@@ -73,7 +73,8 @@ def test_ema_inside_or_outside_multisteps_follows_the_applied_updates_only():
     outside = optim.chain(optim.MultiSteps(optim.sgd(0.1), every_k=3), optim.param_ema(0.5))
     results = []
     for tx in (inside, outside):
-        p, s = dict(params), optim.init(tx, params)
+        p = {n: t.clone() for n, t in params.items()}
+        s = optim.init(tx, p)
         for gs in grads:
             p, s = optim.apply_gradients(tx, gs, s, p, donate=True)
         results.append((p, optim.ema_params(s), optim.find_state(s, "count")))
