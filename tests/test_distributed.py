@@ -81,6 +81,20 @@ def test_two_ranks_equal_one_process_on_the_global_batch(ranks, variant):
     assert_trees_equal(results[0][f"A_{variant}"]["params"], results[1][f"A_{variant}"]["params"])
 
 
+def test_gradient_accumulation_reduces_only_on_the_final_micro_step(ranks):
+    # optim.MultiSteps under distributed: micro-steps 1 and 3 accumulate locally with no collective
+    # (DDP's no_sync); 2 and 4 all-reduce the accumulator and the last gradient. Equal to one process
+    # accumulating over the global batches.
+    _, results = ranks
+    state = W.make_state(tx=tk.optim.MultiSteps(tk.optim.adam(1e-2), every_k=2))
+    for b in W.global_batches()[:4]:
+        state, _ = W.train_step(state, b)
+    for r in results:
+        counts = r["F"]["collectives"]
+        assert counts[0] == counts[2] == 0 and counts[1] > 0 and counts[3] == counts[1]
+        assert_trees_close(r["F"]["params"], state.params, **F64)
+
+
 @pytest.mark.slow
 def test_parameters_without_gradient_on_one_rank_do_not_hang(ranks):
     _, results = ranks

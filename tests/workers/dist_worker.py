@@ -161,6 +161,29 @@ def train(out: Path) -> None:
     stopped, history_d = tk.fit(epoch, state32, loader32, epochs=10, val_loader=val32, progress=False)
     result["D"] = {"history": history_d, "stopped": tk.should_stop(stopped), "slot": stopped.slots.get("early_stop")}
 
+    # (F) gradient accumulation: optim.MultiSteps(every_k=2) under distributed; the non-final
+    # micro-steps run no collective (as DDP's no_sync), counted on the real all_reduce
+    calls = []
+    real_all_reduce = torch.distributed.all_reduce
+
+    def counting_all_reduce(*args, **kwargs):
+        calls.append(1)
+        return real_all_reduce(*args, **kwargs)
+
+    ms_step = tk.distributed(train_step, reduce_metrics=False)
+    ms_state = make_state(tx=tk.optim.MultiSteps(tk.optim.adam(1e-2), every_k=2))
+    ms_step(ms_state, (x[:LOCAL], y[:LOCAL]))  # the first call checks that the ranks start alike: not counted
+    torch.distributed.all_reduce = counting_all_reduce
+    per_step = []
+    try:
+        for gx, gy in global_batches()[:4]:
+            before = len(calls)
+            ms_state, _ = ms_step(ms_state, (gx[rank * LOCAL : (rank + 1) * LOCAL], gy[rank * LOCAL : (rank + 1) * LOCAL]))
+            per_step.append(len(calls) - before)
+    finally:
+        torch.distributed.all_reduce = real_all_reduce
+    result["F"] = {"params": ms_state.params, "collectives": per_step}
+
     # (E) ranks that do not start from the same state are told so, on every rank
     try:
         tk.distributed(train_step)(make_state(seed=rank), (x[:LOCAL], y[:LOCAL]))

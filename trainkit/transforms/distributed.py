@@ -49,6 +49,7 @@ import torch
 from torch import Tensor
 
 from .. import functional as _functional
+from .. import optim as _optim
 from ..contract import batch_size, check_step_output
 from ..dist import DistributedError, reduce_means, shard_loader
 from ..state import TrainState
@@ -334,6 +335,22 @@ class _GradientReducer(_functional.StepHook):
 # --------------------------------------------------------------------------- metrics and the first step
 
 
+def _mean_over_ranks(tensors: Mapping[str, Tensor], comm: _Comm, step: int) -> dict[str, Tensor]:
+    """The mean over ranks of a dict of tensors (MultiSteps' accumulator): one all-reduce per dtype."""
+    out: dict[str, Tensor] = {}
+    by_dtype: dict[Any, list[str]] = {}
+    for name, t in tensors.items():
+        by_dtype.setdefault((t.dtype, t.device), []).append(name)
+    with torch.no_grad():
+        for names in by_dtype.values():
+            flat = torch.cat([tensors[n].reshape(-1) for n in names])  # a new buffer: the input stays as it was
+            comm.all_reduce(flat, "accumulated-gradient all-reduce", step)
+            flat.div_(comm.world)
+            for n, piece in zip(names, flat.split([tensors[n].numel() for n in names]), strict=True):
+                out[n] = piece.view_as(tensors[n])
+    return out
+
+
 def _reduce_metrics(metrics: Mapping[str, Any], n: int, comm: _Comm, device: torch.device, step: int) -> dict[str, Any]:
     keys = list(metrics)
     if not keys:
@@ -414,6 +431,10 @@ def distributed(
       DistributedError: at call time, when a collective fails or times out, or when the
         ranks start from different states.
 
+    Gradient accumulation (``optim.MultiSteps``): the non-final micro-steps run no
+    collective at all (DDP's ``no_sync``); the final one all-reduces the accumulator and
+    its own gradient, so the update equals one process accumulating the global batches.
+
     Where it stands: outermost among the batch-step transforms
     (``tk.compose(tk.distributed(), tk.mixed_precision(...))``), so that inner
     transforms see the averaged gradients and every rank makes the same decisions.
@@ -453,6 +474,11 @@ def distributed(
             if not checked[0]:
                 _check_same_start(state, comm)
                 checked[0] = True
+            if _optim.is_accumulating(state.opt_state):
+                # A non-final micro-step of optim.MultiSteps: its gradient stays in this rank's
+                # accumulator (DDP's no_sync), so no collective at all; the final micro-step reduces.
+                return check_step_output(inner(state, batch), "distributed: step")
+            state = state.replace(opt_state=_optim.map_accumulated(state.opt_state, lambda acc: _mean_over_ranks(acc, comm, state.step)))
             reducer = _GradientReducer(comm, cap_bytes, overlap, layouts, state.step)
             try:
                 with _functional.hooks(reducer, params=state.params):
