@@ -44,8 +44,6 @@ def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> Grad
         # step, so it is no state. Allocating ~params-sized temporaries each step made glibc
         # return them to the OS and page-fault them back in: 0.87x of torch.optim on a
         # 784-512-512-10 MLP with 2 threads.
-        if torch.compiler.is_compiling():
-            return [torch.empty_like(t) for t in like]
         ws = getattr(local, "ws", None)
         if ws is None or len(ws) != len(like) or any(
             a.shape != b.shape or a.dtype != b.dtype or a.device != b.device for a, b in zip(ws, like, strict=True)
@@ -66,9 +64,12 @@ def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> Grad
         # torch's mu / (1 - b1^t) / (sqrt(nu) / c2 + eps) as c2 / (1 - b1^t) * mu / (sqrt(nu) + eps * c2):
         # the same number, one pass over the params' memory fewer (-10% of the update, measured).
         c2 = math.sqrt(1 - b2**t)
-        denom = workspace(nu)
-        torch._foreach_copy_(denom, nu)
-        torch._foreach_sqrt_(denom)
+        if torch.compiler.is_compiling():
+            denom = torch._foreach_sqrt(nu)  # inductor fuses it with its neighbours: no scratch memory needed
+        else:
+            denom = workspace(nu)
+            for v, d in zip(nu, denom, strict=True):  # sqrt straight into the scratch memory: no foreach has out=,
+                torch.sqrt(v, out=d)  # and copy_ + sqrt_ is a pass more (-7% of the update on a 784-512-512 MLP)
         torch._foreach_add_(denom, eps * c2)
         # Valid until this stage runs again: the next stage and the apply read it before then.
         return Pending(list(params), [("div", c2 / (1 - b1**t), None, mu, denom)]), {**state, "count": t}
