@@ -81,29 +81,55 @@ def _pick(xs: list[Tensor], idx: list[int] | None) -> list[Tensor]:
     return xs if idx is None else [xs[i] for i in idx]
 
 
-def _scaled_list(xs: list[Tensor], coef: Any) -> list[Tensor]:
-    return list(xs) if isinstance(coef, float) and coef == 1.0 else torch._foreach_mul(xs, coef)
+def _values(kind: str, coef: Any, a: list[Tensor], b: list[Tensor] | None) -> list[Tensor]:
+    """A term's values as new tensors (``a`` itself for ``1.0 * a``: a pass-through costs nothing)."""
+    if kind == "div":
+        out = torch._foreach_div(a, b)
+        torch._foreach_mul_(out, coef)
+        return out
+    return list(a) if isinstance(coef, float) and coef == 1.0 else torch._foreach_mul(a, coef)
+
+
+def _accumulate(target: list[Tensor], kind: str, coef: Any, a: list[Tensor], b: list[Tensor] | None, *, inplace: bool) -> list[Tensor]:
+    """``target + term``, in place when ``target`` is ours to write (under jit ``coef`` is a tensor: no alpha=)."""
+    if not isinstance(coef, float):
+        term = _values(kind, coef, a, b)
+        if not inplace:
+            return torch._foreach_add(target, term)
+        torch._foreach_add_(target, term)
+        return target
+    if kind == "div":
+        if inplace:
+            torch._foreach_addcdiv_(target, a, b, value=coef)
+            return target
+        return torch._foreach_addcdiv(target, a, b, value=coef)
+    if inplace:
+        torch._foreach_add_(target, a, alpha=coef)
+        return target
+    return torch._foreach_add(target, a, alpha=coef)
 
 
 def materialize(updates: Any, params: Params) -> Params:
-    """The updates as a dict of tensors (new tensors where terms combine; never written in place later)."""
+    """The updates as a dict of tensors: new tensors where terms combine (inputs are never written)."""
     if not isinstance(updates, Pending):
         return updates
     p = list(params.values())
     out: list[Tensor | None] = [None] * len(p)
+    owned = [False] * len(p)
     for kind, coef, idx, a, b in updates.terms:
-        if kind == "self":
-            a = _pick(p, idx)
-        contrib = torch._foreach_div(a, b) if kind == "div" else None
-        if contrib is not None:
-            torch._foreach_mul_(contrib, coef)
+        pos = list(range(len(p))) if idx is None else idx
+        a = _pick(p, idx) if kind == "self" else a
+        if all(out[i] is None for i in pos):
+            vals, mine = _values(kind, coef, a, b), not (kind != "div" and isinstance(coef, float) and coef == 1.0)
         else:
-            contrib = _scaled_list(a, coef)
-        positions = range(len(p)) if idx is None else idx
-        for j, c in zip(positions, contrib, strict=True):
-            out[j] = c if out[j] is None else out[j] + c  # a new tensor: inputs are never written
-    out = [torch.zeros_like(pi) if o is None else o for o, pi in zip(out, p, strict=True)]
-    return dict(zip(params, out, strict=True))
+            for i in pos:
+                if out[i] is None:
+                    out[i], owned[i] = torch.zeros_like(p[i]), True
+            inplace = all(owned[i] for i in pos)
+            vals, mine = _accumulate([out[i] for i in pos], kind, coef, a, b, inplace=inplace), True
+        for i, v in zip(pos, vals, strict=True):
+            out[i], owned[i] = v, mine
+    return dict(zip(params, [torch.zeros_like(pi) if o is None else o for o, pi in zip(out, p, strict=True)], strict=True))
 
 
 def apply_(updates: Any, params: Params) -> None:
