@@ -167,10 +167,23 @@ def assert_schedule_equals(ours, theirs):
         assert math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-12), (i, a, b)
 
 
-def test_one_cycle_and_cosine_match_torch():
+@settings(max_examples=15, deadline=None)
+@given(st.floats(1e-3, 1.0), st.integers(2, 60), st.floats(0.1, 0.9), st.floats(2.0, 50.0), st.floats(10.0, 1e4), st.floats(0.0, 0.5),
+       st.floats(0.1, 1.0), st.floats(0.0, 1.0))
+def test_one_cycle_cosine_and_linear_match_torch(lr, total, pct, div, final_div, alpha, start, end):
     S = torch.optim.lr_scheduler
-    assert_schedule_equals(optim.one_cycle_schedule(0.1, 50), torch_lrs(lambda o: S.OneCycleLR(o, max_lr=0.1, total_steps=50), 49))
-    assert_schedule_equals(optim.cosine_decay_schedule(0.1, 20), torch_lrs(lambda o: S.CosineAnnealingLR(o, T_max=20), 20))
+    assert_schedule_equals(
+        optim.one_cycle_schedule(lr, total, pct, div, final_div),
+        torch_lrs(lambda o: S.OneCycleLR(o, lr, total_steps=total, pct_start=pct, div_factor=div, final_div_factor=final_div), total - 1),
+    )
+    assert_schedule_equals(
+        optim.cosine_decay_schedule(lr, total, alpha),
+        torch_lrs(lambda o: S.CosineAnnealingLR(o, T_max=total, eta_min=alpha * lr), total, lr),
+    )
+    assert_schedule_equals(
+        optim.linear_schedule(lr * start, lr * end, total),
+        torch_lrs(lambda o: S.LinearLR(o, start_factor=start, end_factor=end, total_iters=total), total + 5, lr),
+    )
 
 
 @settings(max_examples=15, deadline=None)
