@@ -100,8 +100,8 @@ def test_masks_and_labels_that_miss_params_or_name_unknown_labels_say_the_fix():
     p = {"w": torch.zeros(2, 2), "b": torch.zeros(2)}
     with pytest.raises(ValueError, match=r"partition: params labelled with no transform: \{'b': 'bias'\}; the labels are \['w'\]"):
         optim.init(optim.partition({"w": optim.sgd(0.1)}, lambda n, t: "w" if t.ndim > 1 else "bias"), p)
-    with pytest.raises(ValueError, match=r"partition: the labels miss params \['b'\].*The params are \['w', 'b'\]"):
-        optim.init(optim.partition({"w": optim.sgd(0.1)}, {"w": "w"}), p)
+    with pytest.raises(ValueError, match=r"labels must name every param.*missing \['b'\], unknown \['x'\]. The params are \['w', 'b'\]"):
+        optim.init(optim.partition({"w": optim.sgd(0.1)}, {"w": "w", "x": "w"}), p)
     with pytest.raises(ValueError, match=r"masked: the mask must give True/False for every param; missing \['b'\], unknown \['x'\]"):
         optim.init(optim.masked(optim.sgd(0.1), {"w": True, "x": False}), p)
     with pytest.raises(ValueError, match=r"must return True or False for each param, got \{'w': 2, 'b': 1\}.*p.ndim >= 2"):

@@ -141,8 +141,12 @@ def _labels(label_fn: LabelFn, params: Params, known: list[str]) -> dict[str, st
         labels = {n: label_fn(n, p) for n, p in params.items()}
     elif isinstance(label_fn, Mapping):
         missing = [n for n in params if n not in label_fn]
-        if missing:
-            raise ValueError(f"partition: the labels miss params {missing}; give every param a label. The params are {list(params)}.")
+        unknown = [n for n in label_fn if n not in params]
+        if missing or unknown:
+            raise ValueError(
+                f"partition: the labels must name every param and only params; missing {missing}, unknown {unknown}. "
+                f"The params are {list(params)}."
+            )
         labels = {n: label_fn[n] for n in params}
     else:
         raise TypeError(
