@@ -138,6 +138,13 @@ def test_update_is_pure_and_equals_the_fused_donated_apply(tx):
     tk.testing.assert_trees_close(s_fused, s, rtol=1e-12, atol=1e-14)
 
 
+def test_a_transformation_is_optax_pair():
+    init_fn, update_fn = optim.adamw(1e-3)  # as Optax's: unpacks in two
+    p = {"w": torch.ones(2)}
+    updates, _ = update_fn({"w": torch.ones(2)}, init_fn(p), p)
+    assert updates["w"].shape == (2,)
+
+
 def test_aliases_are_chains_of_stages_with_one_lr_stage():
     p = {"w": torch.zeros(2, 2), "b": torch.zeros(2)}
     kinds = lambda tx: tk.optim._base.stage_kinds(optim.init(tx, p))  # noqa: E731

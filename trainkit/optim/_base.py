@@ -28,9 +28,10 @@ class GradientTransformation(NamedTuple):
 
     ``params``, ``updates`` and the gradients are dicts keyed by parameter name, in
     the order of ``state.params``. ``update`` is pure: it returns new tensors and
-    leaves its arguments untouched. ``donated`` (optional, built-in stages) is the
-    in-place variant that :func:`trainkit.optim.apply_gradients` uses; a stage of
-    your own needs only ``init`` and ``update``.
+    leaves its arguments untouched. It is a pair, as Optax's (``init, update = tx``);
+    the built-in stages also carry ``tx.donated``, the in-place variant that
+    :func:`trainkit.optim.apply_gradients` uses. A stage of your own needs only
+    ``init`` and ``update``.
 
     >>> import torch, trainkit.optim as optim
     >>> double = optim.GradientTransformation(lambda params: (), lambda u, s, p: ({n: 2 * g for n, g in u.items()}, s))
@@ -43,7 +44,12 @@ class GradientTransformation(NamedTuple):
 
     init: Callable[[Params], Any]
     update: Callable[[Params, Any, Params], tuple[Params, Any]]
-    donated: Callable[[Any, Any, Params], tuple[Any, Any]] | None = None
+
+
+class _Stage(GradientTransformation):
+    """A built-in stage: the pair, plus its in-place variant ``donated`` (an attribute, so the pair still unpacks in two)."""
+
+    donated: Callable[[Any, Any, Params], tuple[Any, Any]]
 
 
 # --------------------------------------------------------------------------- pending updates
@@ -181,8 +187,9 @@ def remap(pending: Any, sub_names: list[str], all_names: list[str]) -> Pending:
 
 def donated_fn(tx: GradientTransformation) -> Callable[[Any, Any, Params], tuple[Any, Any]]:
     """The in-place variant of ``tx``, or its pure ``update`` on plain dicts for a stage of your own."""
-    if tx.donated is not None:
-        return tx.donated
+    donated = getattr(tx, "donated", None)
+    if donated is not None:
+        return donated
 
     def run(updates: Any, state: Any, params: Params) -> tuple[Any, Any]:
         return tx.update(as_dict(updates, params), state, params)
@@ -208,7 +215,9 @@ def pure(donated: Callable[[Any, Any, Params], tuple[Any, Any]]) -> Callable[[Pa
 
 def stage(donated: Callable[[Any, Any, Params], tuple[Any, Any]], init: Callable[[Params], Any]) -> GradientTransformation:
     """A built-in stage from its ``init`` and in-place ``donated`` functions."""
-    return GradientTransformation(init, pure(donated), donated)
+    tx = _Stage(init, pure(donated))
+    tx.donated = donated
+    return tx
 
 
 def clone_state(opt_state: Any) -> Any:
