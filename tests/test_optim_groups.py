@@ -106,6 +106,10 @@ def test_masks_and_labels_that_miss_params_or_name_unknown_labels_say_the_fix():
         optim.init(optim.masked(optim.sgd(0.1), {"w": True, "x": False}), p)
     with pytest.raises(ValueError, match=r"must return True or False for each param, got \{'w': 2, 'b': 1\}.*p.ndim >= 2"):
         optim.init(optim.adamw(0.1, mask=lambda n, t: t.ndim), p)
+    with pytest.raises(TypeError, match=r"masked: mask must be a function \(name, tensor\) -> bool or a dict"):
+        optim.masked(optim.sgd(0.1), None)
+    with pytest.raises(TypeError, match="adamw|add_decayed_weights: mask must be"):
+        optim.adamw(0.1, mask="bias")
     with pytest.raises(TypeError, match="labels must be strings"):
         optim.partition({1: optim.sgd(0.1)}, lambda n, t: 1)
     with pytest.raises(ValueError, match="params labelled with no transform"):  # at TrainState.create, not at step 10,000

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from ._base import STAGE, GradientTransformation, Params, Pending, as_dict, check_int, donated_fn, materialize, remap, stage
-from ._stages import Mask, resolve_mask
+from ._stages import Mask, check_mask, resolve_mask
 
 LabelFn = Union[Callable[[str, Tensor], str], Mapping[str, str]]
 
@@ -68,6 +68,7 @@ def masked(inner: GradientTransformation, mask: Mask) -> GradientTransformation:
     (0.5, 0.0)
     """
     _check_tx("masked", "inner", inner)
+    check_mask("masked", mask)
     run = donated_fn(inner)
 
     def init(params: Params) -> dict:
@@ -109,6 +110,10 @@ def partition(transforms: Mapping[str, GradientTransformation], label_fn: LabelF
         if not isinstance(label, str):
             raise TypeError(f"partition: labels must be strings (they are keys of the checkpointed state), got {label!r}.")
         _check_tx("partition", f"transforms[{label!r}]", t)
+    if not callable(label_fn) and not isinstance(label_fn, Mapping):
+        raise TypeError(
+            f"partition: label_fn must be a function (name, tensor) -> label or a dict {{name: label}}, got {type(label_fn).__name__}."
+        )
     runs = {label: donated_fn(t) for label, t in transforms.items()}
     # The same stage object in two groups shares its scratch memory: finish one group before the next.
     shared = len({id(t) for t in transforms.values()}) < len(transforms)
@@ -139,7 +144,7 @@ def partition(transforms: Mapping[str, GradientTransformation], label_fn: LabelF
 def _labels(label_fn: LabelFn, params: Params, known: list[str]) -> dict[str, str]:
     if callable(label_fn):
         labels = {n: label_fn(n, p) for n, p in params.items()}
-    elif isinstance(label_fn, Mapping):
+    else:
         missing = [n for n in params if n not in label_fn]
         unknown = [n for n in label_fn if n not in params]
         if missing or unknown:
@@ -148,10 +153,6 @@ def _labels(label_fn: LabelFn, params: Params, known: list[str]) -> dict[str, st
                 f"The params are {list(params)}."
             )
         labels = {n: label_fn[n] for n in params}
-    else:
-        raise TypeError(
-            f"partition: label_fn must be a function (name, tensor) -> label or a dict {{name: label}}, got {type(label_fn).__name__}."
-        )
     bad = {n: lb for n, lb in labels.items() if lb not in known}
     if bad:
         raise ValueError(

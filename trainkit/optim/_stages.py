@@ -123,6 +123,15 @@ def trace(decay: float, *, nesterov: bool = False, dampening: float = 0.0) -> Gr
 # --------------------------------------------------------------------------- weight decay
 
 
+def check_mask(who: str, mask: Any) -> None:
+    """At construction: a mask is a function ``(name, tensor) -> bool`` or a dict ``{name: bool}``."""
+    if not callable(mask) and not isinstance(mask, Mapping):
+        raise TypeError(
+            f"{who}: mask must be a function (name, tensor) -> bool or a dict {{name: bool}}, got {type(mask).__name__}. "
+            "Pass e.g. mask=optim.decay_mask."
+        )
+
+
 def resolve_mask(who: str, mask: Mask, params: Params) -> list[str]:
     """The names ``mask`` selects (a function ``(name, tensor) -> bool`` or a dict ``{name: bool}``)."""
     if callable(mask):
@@ -162,6 +171,8 @@ def add_decayed_weights(weight_decay: float = 0.0, mask: Mask | None = None) -> 
     1.2
     """
     weight_decay = check_number("add_decayed_weights", "weight_decay", weight_decay, low=0.0, example=1e-2)
+    if mask is not None:
+        check_mask("add_decayed_weights", mask)
     names_cache: dict[tuple[str, ...], list[int] | None] = {}
 
     def positions(params: Params) -> list[int] | None:
