@@ -23,8 +23,11 @@ only (the LR range test does that).
 
 **Speed**: :func:`apply_gradients` with ``donate=True`` (what the runner does) runs
 each stage's in-place variant on torch's foreach kernels and fuses the last
-``p += u`` (Adam's ``addcdiv_``, as ``torch.optim``); ``donate=False`` runs the same
-kernels on copies, so the two agree bit for bit.
+``p += u`` into them (``addcdiv_``); a chain of ``scale_by_adam``, weight decay and
+the LR (``adam``, ``adamw``, masked decay included) becomes one call of torch's fused
+Adam kernel (``fused=True``'s: each tensor read and written once). ``donate=False``
+runs the same kernels on copies, so the two agree bit for bit; ``tx.update`` (and
+jit) compute the same update with foreach kernels, equal to rounding.
 
 >>> import torch, trainkit.optim as optim
 >>> tx = optim.chain(optim.clip_by_global_norm(1.0), optim.sgd(0.1))

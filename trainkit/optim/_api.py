@@ -36,8 +36,8 @@ def apply_gradients(tx: GradientTransformation, grads: Params, opt_state: Any, p
     """One update: ``(new_params, new_opt_state)``. ``grads`` and ``params`` are dicts with the same keys.
 
     ``donate=False`` is pure: new tensors, ``params`` and ``opt_state`` untouched.
-    ``donate=True`` updates them in place with foreach kernels (Adam's ``addcdiv_``,
-    as torch.optim); the pure path runs the same kernels on copies, so the two agree bit for bit.
+    ``donate=True`` updates them in place with foreach kernels (Adam: torch's fused
+    kernel); the pure path runs the same kernels on copies, so the two agree bit for bit.
 
     >>> import torch, trainkit.optim as optim
     >>> tx, p = optim.sgd(0.5), {"w": torch.tensor([1.0])}

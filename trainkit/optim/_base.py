@@ -60,8 +60,10 @@ class Pending:
 
     A term is ``(kind, coef, idx, a, b)`` over the positions ``idx`` of ``names``
     (``None``: all): ``"add"`` is ``coef * a``, ``"div"`` is ``coef * a / b``,
-    ``"self"`` is ``coef * params``. ``post`` holds functions of the new params
-    (the EMA of the weights) to run once they are written.
+    ``"self"`` is ``coef * params``, ``"deferred"`` is ``coef *`` a :class:`Deferred`
+    (Adam's step, computed when consumed: by one fused kernel when applied, else
+    as a quotient). ``post`` holds functions of the new params (the EMA of the
+    weights) to run once they are written.
     """
 
     __slots__ = ("names", "terms", "post")
@@ -81,6 +83,36 @@ class Pending:
     def scaled(self, factor: Any) -> "Pending":
         """Every term multiplied by ``factor`` (a float, or a 0-d tensor under trainkit.jit)."""
         return Pending(self.names, [(k, c * factor, i, a, b) for k, c, i, a, b in self.terms], self.post)
+
+
+class Deferred:
+    """A stage's direction not computed yet (Adam's moments and step), consumed exactly once.
+
+    ``quotient()`` updates the state and returns ``(num, den, c)``: the direction is
+    ``c * num / den`` (the foreach path: pure updates, jit). ``fused_(calls, lr)``
+    instead applies ``p -= lr * direction`` in place, one fused kernel per
+    ``(params, js, weight_decay)`` of ``calls`` (``params`` the entries ``js`` of the
+    direction, decayed by ``1 - lr * weight_decay`` first, as ``torch.optim.AdamW``),
+    updating the state too; it returns ``False`` (having done nothing) where it cannot.
+    """
+
+    def quotient(self) -> tuple[list[Tensor], list[Tensor], float]:
+        raise NotImplementedError
+
+    def fused_(self, calls: list[tuple[list[Tensor], list[int], float]], lr: float) -> bool:
+        return False
+
+
+def _resolve(terms: list[tuple]) -> list[tuple]:
+    """Deferred terms as ``div`` terms (their quotient): what materialising needs."""
+    out = []
+    for kind, coef, idx, a, b in terms:
+        if kind == "deferred":
+            num, den, c = a.quotient()
+            out.append(("div", coef * c, idx, num, den))
+        else:
+            out.append((kind, coef, idx, a, b))
+    return out
 
 
 def _pick(xs: list[Tensor], idx: list[int] | None) -> list[Tensor]:
@@ -122,7 +154,7 @@ def materialize(updates: Any, params: Params) -> Params:
     p = list(params.values())
     out: list[Tensor | None] = [None] * len(p)
     owned = [False] * len(p)
-    for kind, coef, idx, a, b in updates.terms:
+    for kind, coef, idx, a, b in _resolve(updates.terms):
         pos = list(range(len(p))) if idx is None else idx
         a = _pick(p, idx) if kind == "self" else a
         if all(out[i] is None for i in pos):
@@ -143,7 +175,8 @@ def apply_(updates: Any, params: Params) -> None:
     if isinstance(updates, Pending):
         fusable = not torch.compiler.is_compiling() and all(isinstance(c, float) for _, c, _, _, _ in updates.terms)
         if fusable:
-            _apply_terms_(updates.terms, list(params.values()))
+            p = list(params.values())
+            _apply_terms_(_resolve(_fuse_deferred_(updates.terms, p)), p)
         else:  # under jit the coefficients are 0-d tensors (no alpha=); inductor fuses the ops anyway
             _add_(params, materialize(updates, params))
         for fn in updates.post:
@@ -154,6 +187,61 @@ def apply_(updates: Any, params: Params) -> None:
 
 def _add_(params: Params, updates: Params) -> None:
     torch._foreach_add_(list(params.values()), [updates[n] for n in params])
+
+
+def _fuse_deferred_(terms: list[tuple], p: list[Tensor]) -> list[tuple]:
+    """Apply each deferred term with its fused kernel, folding in the weight decay (``self`` terms) at its positions.
+
+    Returns the terms left to apply. A deferred term shares its positions only with
+    ``self`` terms (masked params get other terms at other positions); anything else
+    there, and it is left to be applied as a quotient.
+    """
+    if not any(t[0] == "deferred" for t in terms):
+        return terms
+    rest = [t for t in terms if t[0] != "deferred"]
+    left: list[tuple] = []
+    for term in terms:
+        if term[0] != "deferred":
+            continue
+        _, coef, idx, obj, _ = term
+        pos = list(range(len(p))) if idx is None else list(idx)
+        decay = _decay_at(pos, rest, len(p))
+        lr = -coef
+        if decay is None or (lr == 0.0 and any(decay)) or not _fuse_groups(obj, p, pos, decay, lr):
+            left.append(term)
+            continue
+        done = set(pos)  # their weight decay is applied by the kernel
+        rest = [_without(t, done, len(p)) if t[0] == "self" else t for t in rest]
+        rest = [t for t in rest if t is not None]
+    return left + rest
+
+
+def _decay_at(pos: list[int], others: list[tuple], n: int) -> list[float] | None:
+    """The summed ``self`` coefficient at each of ``pos`` (``None``: another kind of term is there too)."""
+    where = {i: j for j, i in enumerate(pos)}
+    decay = [0.0] * len(pos)
+    for kind, coef, idx, _, _ in others:
+        hits = [where[i] for i in (range(n) if idx is None else idx) if i in where]
+        if hits and kind != "self":
+            return None
+        for j in hits:
+            decay[j] += coef
+    return decay
+
+
+def _fuse_groups(obj: Deferred, p: list[Tensor], pos: list[int], decay: list[float], lr: float) -> bool:
+    groups: dict[float, list[int]] = {}
+    for j, d in enumerate(decay):
+        groups.setdefault(d, []).append(j)
+    # the kernel decays p by (1 - lr * weight_decay): the summed self coefficient is -lr * weight_decay
+    calls = [([p[pos[j]] for j in js], js, (-d / lr) if lr else 0.0) for d, js in groups.items()]
+    return obj.fused_(calls, lr)
+
+
+def _without(term: tuple, done: set[int], n: int) -> tuple | None:
+    kind, coef, idx, a, b = term
+    keep = [i for i in (range(n) if idx is None else idx) if i not in done]
+    return (kind, coef, keep, a, b) if keep else None
 
 
 def _apply_terms_(terms: list[tuple], p: list[Tensor]) -> None:
