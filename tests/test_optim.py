@@ -381,3 +381,13 @@ def test_every_stage_runs_under_jit_with_tensor_lrs_and_a_lasting_change_does_no
     tk.testing.assert_trees_close((s_jit.params, s_jit.opt_state), (s_eager.params, s_eager.opt_state), rtol=1e-5, atol=1e-6)
     assert isinstance(s_jit.lr, float) and s_jit.lr == pytest.approx(s_eager.lr)
     assert jitted.compiles <= 2, jitted.recompile_reasons  # sgd's momentum: torch's first-step rule is a second graph
+
+
+def test_donated_adam_is_torchs_fused_kernel_bit_for_bit():
+    # The donated (and pure) apply of a plain adam chain is one call of torch's fused Adam kernel.
+    params, grads = make_problem([(5, 7), (7,)], 4, seed=1)
+    params = {n: p.float() for n, p in params.items()}
+    grads = [{n: g.float() for n, g in gs.items()} for gs in grads]
+    expected = torch_reference(params, grads, torch.optim.Adam, lr=0.01, fused=True)
+    tk.testing.assert_trees_equal(run_ours(optim.adam(0.01), params, grads, donate=True)[0], expected)
+    tk.testing.assert_trees_equal(run_ours(optim.adam(0.01), params, grads, donate=False)[0], expected)
