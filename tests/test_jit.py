@@ -56,7 +56,7 @@ def make_state(dropout: float = 0.0, seed: int = 0) -> tk.TrainState:
 def assert_states_close(a: tk.TrainState, b: tk.TrainState) -> None:
     assert a.step == b.step
     assert a.lr == pytest.approx(b.lr, rel=1e-9)
-    tensors = lambda s: (s.params, s.buffers, s.opt_state["mu"], s.opt_state["nu"])
+    tensors = lambda s: (s.params, s.buffers, tk.optim.find_state(s.opt_state, "mu"), tk.optim.find_state(s.opt_state, "nu"))
     assert_trees_close(tensors(a), tensors(b), **TOL)
 
 

@@ -223,7 +223,7 @@ def test_errors_say_what_to_fix():
         tk.lr_range_test(mode="cosine")
     with pytest.raises(ValueError, match="num_steps must be an int >= 2"):
         tk.lr_range_test(num_steps=1)
-    with pytest.raises(ValueError, match="got an epoch step"):
+    with pytest.raises(TypeError, match="got an epoch step"):
         tk.lr_range_test(tk.epoch_step(mse_step))
     with pytest.raises(ValueError, match="already wrapped by lr_range_test"):
         tk.compose(tk.lr_range_test(), tk.lr_range_test())(mse_step)

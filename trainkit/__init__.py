@@ -39,6 +39,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "mixed_precision": "trainkit.transforms.mixed_precision",
     "early_stop": "trainkit.transforms.early_stop",
+    "reduce_on_plateau": "trainkit.transforms.reduce_on_plateau",
     "lr_range_test": "trainkit.transforms.lr_range_test",
     "find_lr": "trainkit.transforms.lr_range_test",
     "LRRangeResult": "trainkit.transforms.lr_range_test",

@@ -246,13 +246,31 @@ class TrainState:
         return _optim.get_lr(self.opt_state)
 
     def with_lr(self, lr: float) -> "TrainState":
-        """A state whose next update uses ``lr``; a schedule takes over again after it.
+        """A state whose LR is ``lr`` from the next update on, lastingly (checkpointed).
+
+        A schedule is scaled so that it gives ``lr`` now and keeps its shape (see
+        :func:`trainkit.optim.set_lr`). For one update only:
+        ``state.replace(opt_state=tk.optim.override_lr(state.opt_state, lr))``.
 
         >>> import torch, trainkit as tk
-        >>> tk.TrainState.create(torch.nn.Linear(1, 1), tk.optim.adam(1e-3)).with_lr(0.5).lr
-        0.5
+        >>> s = tk.TrainState.create(torch.nn.Linear(1, 1), tk.optim.adam(1e-3)).with_lr(0.5)
+        >>> s.lr, s.apply_gradients({"weight": torch.ones(1, 1), "bias": torch.ones(1)}).lr
+        (0.5, 0.5)
         """
         return self.replace(opt_state=_optim.set_lr(self.opt_state, lr))
+
+    def with_ema_params(self) -> "TrainState":
+        """This state with the EMA of its weights (kept by ``optim.param_ema``) as its params: for evaluation.
+
+        >>> import torch, trainkit as tk
+        >>> tx = tk.optim.chain(tk.optim.sgd(0.1), tk.optim.param_ema(0.9))
+        >>> s = tk.TrainState.create(torch.nn.Linear(1, 1), tx)
+        >>> s2 = s.apply_gradients({"weight": torch.ones(1, 1), "bias": torch.ones(1)})
+        >>> torch.equal(s2.with_ema_params().params["weight"], tk.optim.ema_params(s2.opt_state)["weight"])
+        True
+        """
+        ema = _optim.ema_params(self.opt_state)
+        return self.replace(params={n: t.detach().clone().requires_grad_(self.params[n].requires_grad) for n, t in ema.items()})
 
     @property
     def device(self) -> torch.device:

@@ -77,7 +77,7 @@ def test_params_equal_plain_pytorch_after_n_steps_on_4_devices(params):
     specs = {k: torch_xla._XLAC._get_xla_sharding_spec(v) for k, v in state.params.items()}
     if params == "fsdp":  # every param here has a dimension that 4 divides: all sharded, and still after N updates
         assert all("devices=[4" in s for s in specs.values()), specs
-        mu = state.opt_state["mu"] if isinstance(state.opt_state, dict) and "mu" in state.opt_state else None
+        mu = tk.optim.find_state(state.opt_state, "mu", None)
         if mu is not None:
             assert all("devices=[4" in torch_xla._XLAC._get_xla_sharding_spec(m) for m in mu)
     else:

@@ -27,10 +27,11 @@ from typing import Any, Callable, Iterable, Mapping, Union
 import torch
 from torch import Tensor
 
-from .. import optim
+from .. import dist, optim
 from ..functional import donating
 from ..state import TrainState
-from ._base import applied_transforms, mark, two_forms
+from ._base import mark, two_forms
+from .table import check_order
 
 __all__ = ["lr_range_test", "find_lr", "LRRangeResult", "suggest_lr"]
 
@@ -144,7 +145,7 @@ def lr_range_test(
     cfg = _validate(min_lr, max_lr, num_steps, mode, smoothing, diverge_threshold, loss_key)
 
     def make(inner: Callable[..., Any]) -> Callable[..., Any]:
-        _check_order(inner)
+        check_order(NAME, inner)
 
         def wrapped(state: TrainState, batch: Any) -> tuple[TrainState, dict[str, Any]]:
             if not isinstance(state, TrainState):
@@ -197,12 +198,7 @@ def _read_loss(metrics: Mapping[str, Any], key: str) -> float:
 
 def _agree(loss: float) -> float:
     """Under torch.distributed, every rank takes rank 0's loss, so every rank stops at the same step."""
-    dist = torch.distributed
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return loss
-    box = [loss]
-    dist.broadcast_object_list(box, src=0)
-    return float(box[0])
+    return float(dist.broadcast(loss))
 
 
 def _record(slot: Mapping[str, Any], lr: float, loss: float, cfg: Mapping[str, Any]) -> dict[str, Any]:
@@ -233,21 +229,6 @@ def _record(slot: Mapping[str, Any], lr: float, loss: float, cfg: Mapping[str, A
         "stop": stop,
         "reason": reason,
     }
-
-
-def _check_order(inner: Callable[..., Any]) -> None:
-    from ..run import is_epoch_step
-
-    applied = applied_transforms(inner)
-    if NAME in applied:
-        raise ValueError(
-            f"lr_range_test: the step is already wrapped by lr_range_test (transforms applied: {list(applied)}). Apply it once."
-        )
-    if is_epoch_step(inner):
-        raise ValueError(
-            "lr_range_test: got an epoch step; the sweep sets one LR per optimizer update, so it wraps a batch step: "
-            "tk.lr_range_test(train_step) or tk.find_lr(train_step, state, train_loader)."
-        )
 
 
 # --------------------------------------------------------------------------- the result

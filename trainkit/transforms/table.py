@@ -63,6 +63,7 @@ for _info in (
         how="tk.lr_range_test(train_step) or tk.find_lr(train_step, state, train_loader) (one LR per optimizer update)",
     ),
     TransformInfo("early_stop", "any", "control", slot="early_stop"),
+    TransformInfo("reduce_on_plateau", "any", "control", slot="reduce_on_plateau"),
 ):  # fmt: skip
     register(_info)
 
@@ -79,6 +80,8 @@ _NOT_IN_JIT = {
     "Put it outside: tk.lr_range_test(tk.jit(step)), or tk.find_lr(tk.jit(step), state, loader).",
     "early_stop": "it reads the monitored metric on the host to decide. Put it outside: "
     "tk.early_stop(tk.epoch_step(tk.jit(step), eval_step), monitor=...).",
+    "reduce_on_plateau": "it reads the monitored metric on the host to decide. Put it outside: "
+    "tk.reduce_on_plateau(tk.epoch_step(tk.jit(step), eval_step), monitor=...).",
 }
 _AROUND_JIT = {
     "data_parallel": "the replicas meet inside value_and_grad (threads averaging their gradients), which a compiled "
