@@ -135,10 +135,19 @@ def test_non_scalar_metric_is_rejected():
         tk.fit(bad, _state(), _data(), epochs=1, progress=False)
 
 
-def test_progress_bar_is_silent_when_not_a_terminal(capfd):
-    tk.fit(_linear_step, _state(), _data(), epochs=1, progress=True)
+def test_progress_is_plain_lines_when_not_a_terminal(capfd):
+    # nohup, SLURM, CI: no bar, but one line per epoch (train and val metrics), and every N steps if asked
+    evals = lambda s, b: {"loss": F.mse_loss(s.apply(None, b[0])[0], b[1])}
+    tk.fit(_linear_step, _state(), _data(), epochs=2, eval_step=evals, val_loader=_data(1), progress=True)
     out, err = capfd.readouterr()
-    assert out == "" and err == ""
+    lines = err.strip().splitlines()
+    assert out == "" and len(lines) == 2, err
+    assert lines[0].startswith("fit: epoch 1/2 step 4: train_loss ") and " val_loss " in lines[0]
+    tk.fit(_linear_step, _state(), _data(), epochs=1, progress=2)
+    lines = capfd.readouterr().err.strip().splitlines()
+    assert [ln.split(":")[1].strip() for ln in lines] == ["epoch 1/1 step 2", "epoch 1/1 step 4", "epoch 1/1 step 4"]
+    tk.fit(_linear_step, _state(), _data(), epochs=1, progress=False)
+    assert capfd.readouterr() == ("", "")
 
 
 def test_shuffled_epochs_are_seeded_by_state_rng():

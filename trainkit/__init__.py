@@ -13,7 +13,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from . import contract, dist, metrics, optim, rng
+from . import contract, debug, dist, metrics, optim, rng
 from .checkpoint import Checkpointer, CheckpointError, load, load_module, load_params, save
 from .contract import EpochData, gauges, is_epoch_step
 from .functional import (
@@ -29,6 +29,7 @@ from .functional import (
     value_and_grad,
 )
 from .loggers import CSVLogger, JSONLLogger, TensorBoardLogger, read_scalars
+from .predict import predict
 from .run import RunPosition, epoch_step, evaluate, fit, should_stop
 from .state import TrainState, to_module
 from .transforms import applied_transforms, compose
@@ -71,6 +72,8 @@ __all__ = [
     "TrainState",
     "optim",
     "contract",
+    "debug",
+    "predict",
     "dist",
     "metrics",
     "rng",

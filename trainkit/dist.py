@@ -10,7 +10,10 @@ from typing import Any, Iterable, Iterator, Mapping
 
 import torch
 
-__all__ = ["DistributedError", "is_initialized", "world_size", "rank", "is_main_process", "broadcast", "shard_loader", "reduce_means"]
+__all__ = [
+    "DistributedError", "is_initialized", "world_size", "rank", "is_main_process", "broadcast", "gather_objects",
+    "shard_loader", "reduce_means",
+]
 
 
 class DistributedError(RuntimeError):
@@ -78,6 +81,25 @@ class _Strided(torch.utils.data.Sampler):
 
     def __len__(self) -> int:
         return len(range(self.rank, self.n, self.world))
+
+
+def gather_objects(obj: Any) -> list[Any]:
+    """Every rank's ``obj``, in rank order, on every rank (``[obj]`` without a process group).
+
+    >>> gather_objects({"n": 3})
+    [{'n': 3}]
+    """
+    if world_size() == 1:
+        return [obj]
+    gathered: list[Any] = [None] * world_size()
+    try:
+        torch.distributed.all_gather_object(gathered, obj)
+    except RuntimeError as e:
+        raise DistributedError(
+            f"distributed: gathering results failed on rank {rank()} of {world_size()}: a peer rank has died, hangs, "
+            f"or ran a different number of steps. [{type(e).__name__}: {str(e)[:300]}]"
+        ) from e
+    return gathered
 
 
 def shard_loader(loader: Iterable[Any], *, train: bool, seed: int = 0) -> Iterable[Any]:

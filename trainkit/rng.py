@@ -16,7 +16,9 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor
 
-__all__ = ["derive_seed", "seeded"]
+from . import dist
+
+__all__ = ["derive_seed", "seeded", "generator"]
 
 
 def derive_seed(seed: int, *path: int | str) -> int:
@@ -28,6 +30,30 @@ def derive_seed(seed: int, *path: int | str) -> int:
     key = ":".join(str(p) for p in (seed, *path))
     digest = hashlib.blake2b(key.encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+def generator(state: Any, stream: str) -> torch.Generator:
+    """A ``torch.Generator`` on the state's device for the named ``stream`` of this step and rank.
+
+    For randomness a step draws itself (a GAN's noise, a VAE's reparameterisation,
+    augmentation): a function of ``(state.rng, stream, state.step, rank)`` only, so a
+    step is reproducible alone, resumes exactly, and ranks draw different numbers.
+    Under ``tk.jit`` draw with plain ``torch.randn`` instead (jit seeds the graph's
+    random numbers from ``(rng, step)``; a Generator object cannot enter a graph).
+
+    >>> import torch, trainkit as tk
+    >>> state = tk.TrainState.create(torch.nn.Linear(1, 1), tk.optim.sgd(0.1), seed=3)
+    >>> a = torch.randn(2, generator=tk.rng.generator(state, "noise"))
+    >>> b = torch.randn(2, generator=tk.rng.generator(state, "noise"))
+    >>> c = torch.randn(2, generator=tk.rng.generator(state.replace(step=1), "noise"))
+    >>> torch.equal(a, b), torch.equal(a, c)
+    (True, False)
+    """
+    if not isinstance(stream, str) or not stream:
+        raise TypeError(f"generator: stream must be a non-empty name, got {stream!r}. Use e.g. tk.rng.generator(state, 'noise').")
+    gen = torch.Generator(device=state.device)
+    gen.manual_seed(derive_seed(state.rng, stream, state.step, dist.rank()))
+    return gen
 
 
 _SEED_LOCK = threading.RLock()

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping, Union
 
@@ -29,7 +30,7 @@ from . import dist
 from .checkpoint import load_run
 from .contract import EpochData, batch_size, check_eval_output, check_step_output, gauges_of, is_epoch_step
 from .functional import donating
-from .metrics import Mean, check_finite, to_floats
+from .metrics import Mean, check_finite, finalize_metrics, to_floats
 from .rng import derive_seed
 from .state import TrainState
 
@@ -42,11 +43,16 @@ EvalFn = Callable[[TrainState, Any], "dict[str, Any]"]
 # --------------------------------------------------------------------------- the epoch fold
 
 
-def epoch_step(step: StepFn, eval_step: EvalFn | None = None) -> Callable[[TrainState, EpochData], tuple[TrainState, dict[str, Any]]]:
+def epoch_step(
+    step: StepFn, eval_step: EvalFn | None = None, *, finalize: Callable[[dict[str, Any]], Mapping[str, Any]] | None = None
+) -> Callable[[TrainState, EpochData], tuple[TrainState, dict[str, Any]]]:
     """Fold ``step`` over ``data.train`` (then ``eval_step`` over ``data.val``): an epoch-level step.
 
     The metrics are the batch-size-weighted means, prefixed ``train_`` and ``val_``
-    (names declared with :func:`trainkit.gauges` keep their last value).
+    (names declared with :func:`trainkit.gauges` keep their last value). Whole-set
+    validation metrics (F1, AUROC): ``eval_step`` returns :class:`~trainkit.metrics.Sum` /
+    :class:`~trainkit.metrics.Cat` statistics and ``finalize(stats) -> metrics`` computes
+    them from the whole validation set (all ranks' under torch.distributed).
 
     >>> import torch, trainkit as tk
     >>> state = tk.TrainState.create(torch.nn.Linear(1, 1), tk.optim.sgd(0.1))
@@ -82,7 +88,8 @@ def epoch_step(step: StepFn, eval_step: EvalFn | None = None) -> Callable[[Train
                 break
         out = {f"train_{k}": v for k, v in train.across_ranks().items()}
         if eval_step is not None and data.val is not None:
-            out.update({f"val_{k}": v for k, v in _evaluate(eval_step, state, data.val).across_ranks().items()})
+            val = finalize_metrics(_evaluate(eval_step, state, data.val).across_ranks(), finalize)
+            out.update({f"val_{k}": v for k, v in val.items()})
         return state, out
 
     run_epoch.__trainkit_level__ = "epoch"  # type: ignore[attr-defined]
@@ -124,15 +131,28 @@ def _evaluate(eval_step: EvalFn, state: TrainState, loader: Iterable[Any]) -> Me
     return mean
 
 
-def evaluate(eval_step: EvalFn, state: TrainState, loader: Iterable[Any]) -> dict[str, float]:
+def evaluate(
+    eval_step: EvalFn,
+    state: TrainState,
+    loader: Iterable[Any],
+    *,
+    finalize: Callable[[dict[str, Any]], Mapping[str, Any]] | None = None,
+) -> dict[str, float]:
     """Batch-size-weighted means of ``eval_step(state, batch)`` over ``loader`` (for val and test sets).
+
+    Whole-set metrics: ``eval_step`` returns :class:`~trainkit.metrics.Sum` or
+    :class:`~trainkit.metrics.Cat` statistics, and ``finalize(stats)`` computes the
+    metrics from their totals over the loader.
 
     >>> import torch, trainkit as tk
     >>> state = tk.TrainState.create(torch.nn.Linear(1, 1), tk.optim.sgd(0.1))
     >>> tk.evaluate(lambda s, b: {"n": torch.tensor(float(len(b)))}, state, [torch.zeros(1), torch.zeros(3)])
     {'n': 2.5}
+    >>> hits = lambda s, b: {"correct": tk.metrics.Sum(b.sum()), "seen": tk.metrics.Sum(len(b))}
+    >>> tk.evaluate(hits, state, [torch.ones(2), torch.zeros(2)], finalize=lambda t: {"acc": t["correct"] / t["seen"]})["acc"]
+    0.5
     """
-    return to_floats(_evaluate(eval_step, state, loader).result())
+    return to_floats(finalize_metrics(_evaluate(eval_step, state, loader).result(), finalize))
 
 
 # --------------------------------------------------------------------------- where the run is
@@ -215,34 +235,81 @@ class _Observer:
         pass
 
 
+def _fmt(metrics: Mapping[str, float]) -> str:
+    return " ".join(f"{k} {v:.4g}" for k, v in metrics.items())
+
+
 class _Progress(_Observer):
-    def __init__(self, total: int | None, done: int, log_every: int) -> None:
+    """A tqdm bar (a terminal or a notebook): the epoch, the train metrics, the val metrics beside them."""
+
+    def __init__(self, total: int | None, done: int, log_every: int, epochs: int | None) -> None:
         from tqdm import tqdm
 
         self.bar = tqdm(total=total, file=sys.stderr, dynamic_ncols=True)
         self.bar.update(done)
-        self.log_every = log_every
+        self.log_every, self.epochs = log_every, epochs
+        self.train: dict[str, str] = {}
+        self.val: dict[str, str] = {}
 
     def step(self, event: _Event, position: RunPosition) -> bool:
         self.bar.update(1)
         if event.state.step % self.log_every == 0:
-            self.bar.set_postfix({k: f"{v:.4g}" for k, v in event.scalars.items()}, refresh=False)
+            self.bar.set_description(_epoch_label(position, self.epochs), refresh=False)
+            self.train = {k: f"{v:.4g}" for k, v in event.scalars.items()}
+            self.bar.set_postfix({**self.train, **self.val}, refresh=False)
         return False
 
     def epoch(self, state: TrainState, row: dict[str, float], position: RunPosition, partial: bool) -> None:
-        self.bar.set_postfix({k: f"{v:.4g}" for k, v in row.items() if k.startswith("val_")} or None, refresh=True)
+        self.train = {k.removeprefix("train_"): f"{v:.4g}" for k, v in row.items() if k.startswith("train_")}
+        self.val = {k: f"{v:.4g}" for k, v in row.items() if k.startswith("val_")}
+        self.bar.set_postfix({**self.train, **self.val}, refresh=True)
 
     def close(self) -> None:
         self.bar.close()
 
 
+class _PlainProgress(_Observer):
+    """Where stderr is no terminal (nohup, SLURM, CI): one plain line per epoch, and every ``every`` steps."""
+
+    def __init__(self, every: int | None, epochs: int | None) -> None:
+        self.every, self.epochs = every, epochs
+        self.t0 = time.perf_counter()
+
+    def step(self, event: _Event, position: RunPosition) -> bool:
+        if self.every and event.state.step % self.every == 0:
+            self._print(f"{_epoch_label(position, self.epochs)} step {event.state.step}: {_fmt(event.scalars)}")
+        return False
+
+    def epoch(self, state: TrainState, row: dict[str, float], position: RunPosition, partial: bool) -> None:
+        metrics = {k: v for k, v in row.items() if k not in ("epoch", "step")}
+        cut = " (cut by max_steps)" if partial else ""
+        label = f"epoch {int(row['epoch'])}" + (f"/{self.epochs}" if self.epochs else "") + cut
+        self._print(f"{label} step {state.step}: {_fmt(metrics)} ({time.perf_counter() - self.t0:.1f} s)")
+
+    def _print(self, line: str) -> None:
+        print(f"fit: {line}", file=sys.stderr, flush=True)
+
+
+def _epoch_label(position: RunPosition, epochs: int | None) -> str:
+    return f"epoch {position.epoch + 1}" + (f"/{epochs}" if epochs else "")
+
+
 class _Logging(_Observer):
+    """Step metrics and the LR (of the next update) every ``log_every`` steps; epoch rows every epoch."""
+
     def __init__(self, logger: Any, log_every: int) -> None:
         self.logger, self.log_every = logger, log_every
+        self.has_lr = True
 
     def step(self, event: _Event, position: RunPosition) -> bool:
         if event.state.step % self.log_every == 0:
-            self.logger.log_metrics({f"train/{k}": v for k, v in event.scalars.items()}, event.state.step)
+            scalars = {f"train/{k}": v for k, v in event.scalars.items()}
+            if self.has_lr:
+                try:
+                    scalars["train/lr"] = float(event.state.lr)
+                except ValueError:  # an optimizer of the user's own with no LR stage: nothing to log
+                    self.has_lr = False
+            self.logger.log_metrics(scalars, event.state.step)
         return False
 
     def epoch(self, state: TrainState, row: dict[str, float], position: RunPosition, partial: bool) -> None:
@@ -331,7 +398,7 @@ def fit(
     logger: Any = None,
     checkpoint: Any = None,
     resume: Union[None, str, os.PathLike] = None,
-    progress: bool = True,
+    progress: Union[bool, int] = True,
     check_finite: bool = True,
     log_every: int = 50,
 ) -> tuple[TrainState, list[dict[str, float]]]:
@@ -345,9 +412,12 @@ def fit(
     * The caller's ``state`` is never changed: ``fit`` clones it once, then donates
       its own copy to every step (in-place updates, no extra copies).
     * ``logger``: a :class:`~trainkit.loggers.TensorBoardLogger`, :class:`~trainkit.loggers.CSVLogger`
-      or anything with ``log_metrics(metrics, step)``; step metrics every ``log_every``
-      steps, epoch metrics every epoch; flushed and closed at the end (trainkit's
-      loggers reopen if written to again).
+      or anything with ``log_metrics(metrics, step)``; step metrics and the LR
+      (``train/lr``) every ``log_every`` steps, epoch metrics every epoch; flushed and
+      closed at the end (trainkit's loggers reopen if written to again).
+    * ``progress``: in a terminal or a notebook, a bar with the epoch, the train metrics
+      and the val metrics; elsewhere (nohup, SLURM, CI) one plain line per epoch on
+      stderr, and one every ``progress`` steps when it is an int. ``False``: silent.
     * ``checkpoint``: a :class:`~trainkit.checkpoint.Checkpointer` (atomic, keep-last-N);
       ``resume="latest"`` (or a file) continues a run exactly, mid-epoch included.
     * ``check_finite``: a NaN/inf metric raises ``FloatingPointError`` naming the step;
@@ -432,7 +502,7 @@ def _observers(
     state: TrainState,
     logger: Any,
     checkpoint: Any,
-    progress: bool,
+    progress: Union[bool, int],
     check_finite: bool,
     log_every: int,
     epochs: int | None,
@@ -445,7 +515,9 @@ def _observers(
         out.append(_FiniteCheck(log_every))
     if progress and main and _interactive():
         total = max_steps if epochs is None else (steps_per_epoch * epochs if steps_per_epoch else None)
-        out.append(_Progress(total, state.step, log_every))
+        out.append(_Progress(total, state.step, log_every, epochs))
+    elif progress and main:
+        out.append(_PlainProgress(progress if type(progress) is int else None, epochs))
     if logger is not None and main:
         out.append(_Logging(logger, log_every))
     if checkpoint is not None and main:
