@@ -183,7 +183,6 @@ def test_a_failed_save_keeps_the_previous_best_and_its_pointer(tmp_path):
     tk.load(tmp_path / NAME(1), like=_state())
 
 
-@pytest.mark.xfail(reason="needs fit to pass metrics=row", strict=False)
 def test_fit_keeps_the_best_epoch(tmp_path):
     state = _state()
     data = [(torch.randn(4, 2), torch.randn(4, 1)) for _ in range(3)]
@@ -204,7 +203,6 @@ def test_fit_keeps_the_best_epoch(tmp_path):
     assert ck.best() == tmp_path / NAME(int(best["step"])) and ck.best_score == best["val_loss"]
 
 
-@pytest.mark.xfail(reason="needs fit to pass metrics=row and call checkpointer.restore(meta)", strict=False)
 def test_fit_resume_keeps_the_best_k(tmp_path):
     state = _state()
     data = [(torch.randn(4, 2), torch.randn(4, 1)) for _ in range(3)]

@@ -14,7 +14,7 @@ import importlib
 from typing import Any
 
 from . import contract, debug, dist, metrics, optim, rng
-from .checkpoint import Checkpointer, CheckpointError, load, load_module, load_params, save
+from .checkpoint import Checkpointer, CheckpointError, load, load_hparams, load_module, load_params, save
 from .contract import EpochData, gauges, is_epoch_step
 from .functional import (
     StepContext,
@@ -99,6 +99,7 @@ __all__ = [
     "save",
     "load",
     "load_module",
+    "load_hparams",
     "load_params",
     "Checkpointer",
     "CheckpointError",

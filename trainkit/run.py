@@ -351,7 +351,7 @@ class _Checkpointing(_Observer):
 
     def epoch(self, state: TrainState, row: dict[str, float], position: RunPosition, partial: bool) -> None:
         if not partial and self.checkpointer.due_epoch(position.epoch):
-            self.checkpointer.save(state, meta=position.meta())
+            self.checkpointer.save(state, meta=position.meta(), metrics=row)  # a monitored Checkpointer ranks it
 
 
 class _StepLimit(_Observer):
@@ -536,6 +536,8 @@ def _start(state: TrainState, checkpoint: Any, resume: Any, gauges: frozenset[st
     if path is None:
         return state.clone(), RunPosition(mean=Mean(gauges)), False  # fit donates its own copy
     state, meta = load_run(path, like=state)  # new tensors: nothing of the caller's is donated
+    if checkpoint is not None:
+        checkpoint.restore(meta)  # the best-k ranking as it was when this checkpoint was saved
     return state, RunPosition.from_meta(meta, gauges), True
 
 

@@ -77,9 +77,9 @@ def test_params_equal_plain_pytorch_after_n_steps_on_4_devices(params):
     specs = {k: torch_xla._XLAC._get_xla_sharding_spec(v) for k, v in state.params.items()}
     if params == "fsdp":  # every param here has a dimension that 4 divides: all sharded, and still after N updates
         assert all("devices=[4" in s for s in specs.values()), specs
-        mu = tk.optim.find_state(state.opt_state, "mu", None)
-        if mu is not None:
-            assert all("devices=[4" in torch_xla._XLAC._get_xla_sharding_spec(m) for m in mu)
+        mu = tk.optim.find_state(state.opt_state, "mu")  # Adam's first moments, by param name: sharded as the params
+        assert mu.keys() == state.params.keys()
+        assert all("devices=[4" in torch_xla._XLAC._get_xla_sharding_spec(m) for m in mu.values())
     else:
         assert not any("devices=[4" in s for s in specs.values()), specs
 
