@@ -17,8 +17,8 @@ nbclient = pytest.importorskip("nbclient")
 NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.ipynb"))
 
 
-def test_there_are_the_three_notebooks():
-    assert [p.name for p in NOTEBOOKS] == ["01_quickstart.ipynb", "02_testing_steps.ipynb", "03_benchmarking.ipynb"]
+def test_there_are_the_four_notebooks():
+    assert [p.name for p in NOTEBOOKS] == ["01_quickstart.ipynb", "02_testing_steps.ipynb", "03_benchmarking.ipynb", "04_gan.ipynb"]
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
