@@ -3,13 +3,20 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test venv bench clean xla-venv test-xla docs
+.PHONY: demo test venv bench clean xla-venv test-xla test-vision docs
 
 # The XLA tests (tests/xla) need torch 2.9.0 + torch_xla 2.9.0, which imports beside no other torch: their
 # own venv, built once (the marker file; about 2 min and 7 GB the first time), run on 4 XLA CPU devices.
+# torchvision 0.24.0 is the build that matches torch 2.9.0 (beside the main venv's 2.13 CPU wheel it does
+# not import), so tests/vision runs here too (+ torchvision, pillow, scikit-learn: ~250 MB, ~10 s).
+# The marker's name is a checksum of XLA_REQS: change the list and `make test` upgrades an existing venv.
 XLA_VENV ?= .venv-xla
 XLA_PY := $(XLA_VENV)/bin/python
+XLA_REQS := torch==2.9.0 torch_xla==2.9.0 torchvision==0.24.0 scikit-learn numpy pytest pytest-timeout hypothesis tensorboardX tqdm
+XLA_MARKER := $(XLA_VENV)/.installed-$(shell printf '%s' '$(XLA_REQS)' | cksum | cut -d' ' -f1)
 XLA_TEST := PJRT_DEVICE=CPU CPU_NUM_DEVICES=4 $(XLA_PY) -m pytest tests/xla -o addopts="" -p no:cacheprovider --timeout=600
+# Its own process: torch_xla SPMD is process-wide, and a CPU backward pass before XLA steps breaks them.
+VISION_TEST := PJRT_DEVICE=CPU $(XLA_PY) -m pytest tests/vision -o addopts="" -p no:cacheprovider --timeout=600
 
 # The documentation (docs/, Sphinx autodoc of the real modules): warnings are errors, -E rereads every
 # page so that a warning is never hidden by a cached one. A few seconds; `make test` runs it too.
@@ -22,11 +29,12 @@ $(VENV)/.installed: setup.cfg setup.py requirements.txt
 	$(PY) -m pip install -q -r requirements.txt -e '.[dev]'
 	touch $@
 
-xla-venv: $(XLA_VENV)/.installed
+xla-venv: $(XLA_MARKER)
 
-$(XLA_VENV)/.installed:
+$(XLA_MARKER):
+	rm -f $(XLA_VENV)/.installed*
 	$(PYTHON) -m venv $(XLA_VENV)
-	$(XLA_PY) -m pip install -q torch==2.9.0 torch_xla==2.9.0 numpy pytest pytest-timeout hypothesis tensorboardX tqdm
+	$(XLA_PY) -m pip install -q $(XLA_REQS)
 	$(XLA_PY) -m pip install -q --no-deps -e .
 	touch $@
 
@@ -41,9 +49,13 @@ test: venv xla-venv
 	$(DOCS)
 	$(PY) -m pytest $(ARGS)
 	$(XLA_TEST)
+	$(VISION_TEST)
 
 test-xla: xla-venv
 	$(XLA_TEST) $(ARGS)
+
+test-vision: xla-venv
+	$(VISION_TEST) $(ARGS)
 
 bench: venv
 	$(PY) benchmarks/overhead.py

@@ -4,6 +4,10 @@ TensorBoard logs and a held-out test accuracy.
     python -m trainkit.demo                  # scikit-learn's digits, shipped, no network
     python -m trainkit.demo --mnist ~/data   # MNIST from a local folder of IDX files
     python -m trainkit.demo --precision bf16 --early-stop --find-lr   # the one-device transforms
+    python -m trainkit.demo --data-dir ~/photos --model resnet18      # a torchvision model on your image folder
+
+``--data-dir`` needs torchvision (a build matching torch: torch 2.9.0 + torchvision 0.24.0, or
+torch 2.14.1 + torchvision 0.29.1); the digits and MNIST demos do not.
 
 The step functions here are the ones the tests check with trainkit.testing.check_step.
 """
@@ -13,11 +17,12 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.data import DataLoader
 
 import trainkit as tk
 
@@ -62,11 +67,46 @@ def eval_step(state: tk.TrainState, batch: tuple[Tensor, Tensor]) -> dict[str, T
     return {"loss": F.cross_entropy(logits, y), "acc": (logits.argmax(-1) == y).float().mean()}
 
 
-def make_state(lr: float = 3e-3, epochs: int = 15, steps_per_epoch: int = 20, seed: int = 0) -> tk.TrainState:
-    """The demo's initial state: CNN, AdamW with a one-cycle schedule over the run."""
+def make_state(
+    lr: float = 3e-3, epochs: int = 15, steps_per_epoch: int = 20, seed: int = 0, model: Callable[[], nn.Module] = CNN
+) -> tk.TrainState:
+    """The demo's initial state: ``model()`` (the CNN), AdamW with a one-cycle schedule over the run.
+
+    ``model`` is built after seeding, so the same seed gives the same initial weights.
+
+    >>> make_state(epochs=1).step, type(make_state(model=lambda: nn.Linear(2, 2)).module).__name__
+    (0, 'Linear')
+    """
     torch.manual_seed(seed)
     schedule = tk.optim.one_cycle_schedule(lr, total_steps=max(2, epochs * steps_per_epoch))
-    return tk.TrainState.create(CNN(), tk.optim.adamw(schedule, weight_decay=1e-4), seed=seed)
+    return tk.TrainState.create(model(), tk.optim.adamw(schedule, weight_decay=1e-4), seed=seed)
+
+
+def vision_model(name: str, num_classes: int) -> Callable[[], nn.Module]:
+    """A factory of the ``torchvision.models`` classifier ``name`` (e.g. ``resnet18``), untrained, with ``num_classes`` outputs.
+
+    Checked at once (the name, torchvision importing); the model itself is built when called.
+    Models with a fixed input size (``inception_v3``, the ViTs) need ``--image-size`` to match.
+    (Skipped as a doctest: the main test venv's torch 2.13 CPU wheel has no torchvision.)
+
+    >>> vision_model("resnet18", num_classes=3)().fc  # doctest: +SKIP
+    Linear(in_features=512, out_features=3, bias=True)
+    """
+    models = tk.data.require_torchvision("demo --model").models
+    names = models.list_models(module=models)  # the classifiers: detection/segmentation live in submodules
+    if name not in names:
+        raise ValueError(f"demo: --model must name a torchvision.models classifier, got {name!r}. Choose one of: {', '.join(names)}.")
+    return lambda: models.get_model(name, weights=None, num_classes=num_classes)
+
+
+def _data(args: argparse.Namespace) -> tuple[DataLoader, DataLoader, DataLoader | None, Callable[[], nn.Module]]:
+    """The loaders (train, val, test or None) and the model factory the arguments ask for."""
+    if args.data_dir:  # a torchvision model on the user's image folder: train / val, no test split
+        splits = tk.data.image_folder(args.data_dir, image_size=args.image_size, seed=args.seed)
+        model = vision_model(args.model, len(splits.classes))
+        return (*tk.data.folder_loaders(splits, args.batch_size), None, model)
+    splits = tk.data.mnist(args.mnist) if args.mnist else tk.data.digits(seed=args.seed)
+    return (*tk.data.loaders(splits, args.batch_size), CNN)
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -74,7 +114,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     p.add_argument("--epochs", type=int, default=15)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=3e-3, help="peak LR of the one-cycle schedule")
-    p.add_argument("--mnist", metavar="DIR", help="train on MNIST from this folder instead of the digits")
+    data = p.add_mutually_exclusive_group()
+    data.add_argument("--mnist", metavar="DIR", help="train on MNIST from this folder instead of the digits")
+    data.add_argument("--data-dir", metavar="DIR",
+                      help="train a torchvision model on this image folder (one subfolder per class) instead; needs torchvision")
+    p.add_argument("--model", default=None, metavar="NAME",
+                   help="with --data-dir: a torchvision.models classifier (default resnet18), num_classes from the folder")
+    p.add_argument("--image-size", type=int, default=None, metavar="SIZE",
+                   help="with --data-dir: images are resized to SIZE x SIZE (default 32)")
     p.add_argument("--logdir", default="runs", help="TensorBoard logs go to LOGDIR/demo/version_N")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
@@ -84,26 +131,30 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                    help="stop when val_loss has not improved for PATIENCE epochs (default 3); keep the best epoch's params")
     p.add_argument("--find-lr", action="store_true", help="run the LR range test first and train at its suggested LR")
     args = p.parse_args(argv)
+    if not args.data_dir and (args.model is not None or args.image_size is not None):
+        p.error("--model and --image-size choose the torchvision model trained on --data-dir DIR; give --data-dir too")
+    args.model, args.image_size = args.model or "resnet18", args.image_size or 32
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    splits = tk.data.mnist(args.mnist) if args.mnist else tk.data.digits(seed=args.seed)
-    train, val, test = tk.data.loaders(splits, args.batch_size)
+    train, val, test, model = _data(args)
     logger = tk.TensorBoardLogger(args.logdir, name="demo")
     step = train_step  # each feature is a transform of the step
     if args.precision != "32":
         step = tk.mixed_precision(train_step, dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[args.precision])
     lr = args.lr
     if args.find_lr:  # on a copy of the state: nothing to undo afterwards
-        found = tk.find_lr(step, make_state(args.lr, args.epochs, len(train), args.seed), train)
+        found = tk.find_lr(step, make_state(args.lr, args.epochs, len(train), args.seed, model), train)
         lr = found.suggestion if found.suggestion is not None else args.lr
         if logger.log_dir is not None:  # None off rank 0 under torchrun: rank 0 alone writes files
             found.plot(logger.log_dir / "lr_find.png")
             print(f"find_lr: {found.message}; training at lr {lr:.3g} (plot in {logger.log_dir / 'lr_find.png'})")
-    state = make_state(lr, args.epochs, len(train), args.seed)
+    state = make_state(lr, args.epochs, len(train), args.seed, model)
     if args.early_stop is not None:
         step = tk.early_stop(tk.epoch_step(step, eval_step), monitor="val_loss", patience=args.early_stop, restore_best=True)
     hparams = {"lr": lr, "epochs": args.epochs, "batch_size": args.batch_size, "data": "mnist" if args.mnist else "digits",
                "precision": args.precision, "early_stop": str(args.early_stop), "find_lr": args.find_lr}
+    if args.data_dir:
+        hparams.update(data="folder", model=args.model, image_size=args.image_size)
     logger.log_hyperparams(hparams)
 
     t0 = time.perf_counter()
@@ -116,14 +167,18 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         stopped = state.slots["early_stop"]
         state = tk.early_stop.best_state(state)  # the best epoch's params (already there if it stopped)
         print(stopped["reason"] or f"early_stop: ran all {args.epochs} epochs; best val_loss at epoch {stopped['best_evaluation']}")
-    test_metrics = tk.evaluate(eval_step, state, test)
-    logger.log_metrics({"test/acc": test_metrics["acc"], "test/loss": test_metrics["loss"]}, state.step)
+    test_metrics = None if test is None else tk.evaluate(eval_step, state, test)  # an image folder has no test split
+    if test_metrics is not None:
+        logger.log_metrics({"test/acc": test_metrics["acc"], "test/loss": test_metrics["loss"]}, state.step)
     logger.close()
     last = history[-1]
     print(f"trained {state.step} steps in {seconds:.1f}s: val_acc {last['val_acc']:.4f}, val_loss {last['val_loss']:.4f}")
-    print(f"test accuracy {test_metrics['acc']:.4f} (loss {test_metrics['loss']:.4f}); logs in {logger.log_dir}")
-    return {"test_acc": test_metrics["acc"], "history": history, "seconds": seconds, "log_dir": str(logger.log_dir),
-            "lr": lr, "state": state}
+    if test_metrics is None:
+        print(f"{args.model} on {args.data_dir}: val accuracy {last['val_acc']:.4f}; logs in {logger.log_dir}")
+    else:
+        print(f"test accuracy {test_metrics['acc']:.4f} (loss {test_metrics['loss']:.4f}); logs in {logger.log_dir}")
+    return {"test_acc": None if test_metrics is None else test_metrics["acc"], "history": history, "seconds": seconds,
+            "log_dir": str(logger.log_dir), "lr": lr, "state": state}
 
 
 if __name__ == "__main__":
