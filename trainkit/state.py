@@ -226,18 +226,15 @@ class TrainState:
         if buffers is not None:
             new["buffers"] = dict(buffers)
         if not all(h.applies_update() for h in active):
-            pass  # this update is thrown away (a data_parallel replica other than the primary)
-        elif not any(h.skip_update(grads) for h in active):
-            with torch.no_grad():
-                params, opt_state = _optim.apply_gradients(self.tx, grads, self.opt_state, self.params, donate=donate)
-            if not donate:
-                for t in params.values():
-                    t.requires_grad_(t.is_floating_point())
-            new["params"] = params
-            new["opt_state"] = opt_state
-        else:
-            new["opt_state"] = _optim.skip_update(self.tx, self.opt_state)
-        return self.replace(**new)
+            return self.replace(**new)  # thrown away (a data_parallel replica other than the primary): no work
+        if any(h.skip_update(grads) for h in active):  # vetoed (non-finite fp16 gradients): params and schedule hold
+            return self.replace(**{**new, "opt_state": _optim.skip_update(self.tx, self.opt_state)})
+        with torch.no_grad():
+            params, opt_state = _optim.apply_gradients(self.tx, grads, self.opt_state, self.params, donate=donate)
+        if not donate:
+            for t in params.values():
+                t.requires_grad_(t.is_floating_point())
+        return self.replace(**{**new, "params": params, "opt_state": opt_state})
 
     # ------------------------------------------------------------------ conveniences
     @property
