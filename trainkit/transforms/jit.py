@@ -37,6 +37,32 @@ so it needs ``fullgraph=False``. ``data_parallel``, ``distributed`` and
 ``xla_sharded`` do not compose with jit (their gradient exchange, or XLA's own
 compiler, cannot be inside one inductor graph): each order is rejected with a message.
 
+**Several steps per call** (Keras' ``steps_per_execution``; in JAX, a ``lax.scan`` over
+stacked batches): ``tk.jit(step, steps_per_call=K)`` compiles K steps, unrolled, into one
+graph, called as ``jitted(state, batches)`` with a list of 1..K batches; it returns the state
+after them and every metric stacked over the steps, shape ``(len(batches),)``. It equals K
+single steps: the state's step, the optimizer's count and the schedule advance per sub-step.
+The guards, wrappers and Python of a call are paid once per K steps: on a small model that
+per-call cost, not the arithmetic, is most of a compiled step's time. The cases one graph
+cannot hold run as single calls of the one-step graph (compiled once, beside the K-step one),
+each decided before the call:
+
+* a group shorter than K (the last of an epoch): single calls, so the same short group every
+  epoch never compiles a graph of its own;
+* a group whose batches differ in shape or dtype (a smaller last batch): single calls,
+  whose recompiles the recompile guard reports as it does for a one-step jit;
+* a step that draws random numbers (dropout): inductor seeds a graph once per call, so
+  in a K-step graph sub-step ``i`` could not draw from ``(state.rng, state.step + i)`` as
+  the single step does; such a step always runs as single calls (seeded per step). The
+  first group of every K-step jit runs as single calls, which tells which kind the step is
+  before the K-step graph is compiled.
+
+Why unrolled, and not ``torch._higher_order_ops.scan``/``while_loop`` (a K-independent
+compile): their body is traced functionally, so the ``torch.autograd.grad`` of
+:func:`trainkit.value_and_grad`, the in-place donated update and the Python ints of the state
+(step, count, a schedule's ``float(schedule(count))``) cannot be in it (measured in
+``benchmarks/multistep.py``). The cold compile grows with K: keep K at 4-8.
+
 The dynamo settings jit needs (``trace_autograd_ops``, the dynamic ints) are set only
 while dynamo compiles one of its steps, and restored after: other ``torch.compile``
 code in the process is not affected.
@@ -45,6 +71,7 @@ code in the process is not affected.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import types
 import warnings
@@ -299,11 +326,42 @@ def _install_callbacks() -> None:
 _install_callbacks()
 
 
+def _run_steps(step: Callable[..., Any], state: TrainState, batches: Any) -> tuple[TrainState, dict[str, Tensor]]:
+    # Traced by dynamo, the loop over the list of batches unrolls: K steps in one graph.
+    per_step = []
+    for batch in batches:
+        state, metrics = step(state, batch)
+        per_step.append(metrics)
+    return state, {k: torch.stack([m[k] for m in per_step]) for k in per_step[0]}
+
+
+def _signature(batch: Any) -> Any:
+    # What must agree between the batches of one K-step graph: the tensors' shapes and dtypes.
+    if type(batch) in (tuple, list) and all(type(t) is Tensor for t in batch):  # the usual (x, y): ~1 us
+        return tuple((t.shape, t.dtype) for t in batch)
+    leaves, spec = pytree.tree_flatten(batch)
+    return spec, tuple((t.shape, t.dtype) if isinstance(t, Tensor) else t for t in leaves)
+
+
+class _Graph:
+    """One compiled function of a jitted step (the one-step graph, or the K-step one) and its recompile count."""
+
+    __slots__ = ("fn", "code", "compiled", "compiles", "reasons")
+
+    def __init__(self, owner: "JittedStep", name: str, backend: "_Backend") -> None:
+        self.fn = _fresh_function(name)
+        self.code = self.fn.__code__
+        self.compiled = torch.compile(self.fn, fullgraph=owner.fullgraph, backend=backend, dynamic=owner.dynamic)
+        self.compiles = 0
+        self.reasons = 0  # dynamo's guard failures for this graph already recorded
+
+
 class JittedStep:
     """A step compiled by :func:`jit`; call it as the step it wraps.
 
     ``compiles`` counts the graphs compiled so far, ``recompile_reasons`` says why
-    each recompile happened (dynamo's guard failures).
+    each recompile happened (dynamo's guard failures). ``steps_per_call`` is K: with
+    K > 1 it is called as ``jitted(state, batches)`` with a list of 1..K batches.
     """
 
     def __init__(
@@ -318,25 +376,59 @@ class JittedStep:
         backend: Any,
         dynamic: bool | None,
         options: dict[str, Any] | None,
+        steps_per_call: int = 1,
     ) -> None:
         self.step = step
         self.donate = donate
         self.fullgraph = fullgraph
+        self.dynamic = dynamic
         self.max_recompiles = max_recompiles
         self.on_recompile = on_recompile
-        self.compiles = 0
+        self.steps_per_call = steps_per_call
         self.recompile_reasons: list[str] = []
         self._name = getattr(step, "__name__", type(step).__name__)
-        self._fn = _fresh_function(self._name)
-        self._code = self._fn.__code__
         self._draws_random = False
-        self._compiled = torch.compile(
-            self._fn, fullgraph=fullgraph, backend=_Backend(self, backend, mode, options, dynamic), dynamic=dynamic
-        )
+        compiler = _Backend(self, backend, mode, options, dynamic)
+        self._single = _Graph(self, self._name, compiler)
+        self._multi = _Graph(self, f"{self._name}_x{steps_per_call}", compiler) if steps_per_call > 1 else None
+        self._multi_step = functools.partial(_run_steps, step)  # one object: dynamo guards on it
+        self._groups = 0  # K-step calls so far (first group: single calls, to learn whether the step draws)
+        # the one-step graph's function, kept under its old names (tests and tools read them)
+        self._fn, self._code, self._compiled = self._single.fn, self._single.code, self._single.compiled
+
+    @property
+    def compiles(self) -> int:
+        """Graphs compiled so far, the one-step and the K-step graph together."""
+        return self._single.compiles + (self._multi.compiles if self._multi is not None else 0)
 
     def __call__(self, state: TrainState, batch: Any) -> tuple[TrainState, dict[str, Any]]:
         if not isinstance(state, TrainState):
             raise TypeError(f"jit: the step's first argument must be a TrainState, got {type(state).__name__}.")
+        if self._multi is None:
+            return self._run(self._single, self.step, state, batch)
+        return self._run_group(state, batch)
+
+    def _run_group(self, state: TrainState, batches: Any) -> tuple[TrainState, dict[str, Any]]:
+        k = self.steps_per_call
+        if not isinstance(batches, (list, tuple)) or not 1 <= len(batches) <= k:
+            got = f"{len(batches)} batches" if isinstance(batches, (list, tuple)) else type(batches).__name__
+            raise ValueError(
+                f"jit: a step with steps_per_call={k} takes a list of 1 to {k} batches, got {got}. "
+                f"Group the batches (fit does), e.g. step(state, [batch_1, ..., batch_{k}]); for one batch, step(state, [batch])."
+            )
+        self._groups += 1
+        if len(batches) == k and self._groups > 1 and not self._draws_random:
+            first = _signature(batches[0])
+            if all(_signature(b) == first for b in batches[1:]):
+                return self._run(self._multi, self._multi_step, state, batches)
+        # single calls: a shorter group, batches of differing shapes, a step that draws, or the first group
+        per_step = []
+        for b in batches:
+            state, metrics = self._run(self._single, self.step, state, b)
+            per_step.append(metrics)
+        return state, {key: torch.stack([torch.as_tensor(m[key]) for m in per_step]) for key in per_step[0]}
+
+    def _run(self, graph: _Graph, fn: Callable[..., Any], state: TrainState, batch: Any) -> tuple[TrainState, dict[str, Any]]:
         ctx = _functional.current_context()
         if ctx.hooks or state.device.type == "xla":
             _check_outer(ctx.hooks, state)
@@ -357,7 +449,7 @@ class JittedStep:
         try:
             # the context the hook points read, while dynamo traces and where it falls back to Python
             with _functional.use_context(ctx):
-                out = self._compiled(self.step, state, batch)
+                out = graph.compiled(fn, state, batch)
         except (torch._dynamo.exc.Unsupported, torch._dynamo.exc.UserError) as e:
             raise JitError(_explain_break(e, self._name)) from e
         finally:
@@ -365,7 +457,7 @@ class JittedStep:
             call.restore()
         if call.compiled:
             _check_metrics(out, self._name)  # the output's structure is fixed per graph
-            self._after_compile()
+            self._after_compile(graph)
         new_state = out[0] if type(out) is tuple and len(out) == 2 else None
         if isinstance(new_state, TrainState):  # an update that was vetoed hands back our LR tensors
             lr_state = _optim.map_lr(new_state.opt_state, _lr_float)
@@ -373,19 +465,21 @@ class JittedStep:
                 out = (new_state.replace(opt_state=lr_state), out[1])
         return out
 
-    def _after_compile(self) -> None:
+    def _after_compile(self, graph: _Graph) -> None:
         # The recompile guard (chex's assert_max_traces): count graphs, say why a new one was needed.
-        count = len(torch._dynamo.eval_frame._debug_get_cache_entry_list(self._code))
-        n, self.compiles = count - self.compiles, count
-        if n <= 0 or self.compiles == 1:
+        count = len(torch._dynamo.eval_frame._debug_get_cache_entry_list(graph.code))
+        n, graph.compiles = count - graph.compiles, count
+        if n <= 0 or graph.compiles == 1:
             return
-        reasons = [str(r) for r in torch._dynamo.utils.guard_failures.get(self._code, [])]
-        new = reasons[len(self.recompile_reasons) :] or ["(dynamo gave no reason)"]
+        reasons = [str(r) for r in torch._dynamo.utils.guard_failures.get(graph.code, [])]
+        new = reasons[graph.reasons :] or ["(dynamo gave no reason)"]
+        graph.reasons = len(reasons)
         self.recompile_reasons.extend(new)
-        if self.max_recompiles is None or self.compiles - 1 <= self.max_recompiles:
+        if self.max_recompiles is None or graph.compiles - 1 <= self.max_recompiles:
             return
+        which = "" if graph is self._single or self._multi is None else f" (its {self.steps_per_call}-step graph)"
         msg = (
-            f"jit: step {self._name!r} compiled {self.compiles} times, more than 1 + max_recompiles="
+            f"jit: step {self._name!r}{which} compiled {graph.compiles} times, more than 1 + max_recompiles="
             f"{self.max_recompiles}. Each compile costs seconds; the last was caused by:\n  "
             + "\n  ".join(new[-3:])
             + "\nUsual causes: batches of changing shape (drop the last partial batch: DataLoader(drop_last=True), "
@@ -394,10 +488,11 @@ class JittedStep:
         )
         if self.on_recompile == "raise":
             raise RecompileError(msg)
-        warnings.warn(msg, RecompileWarning, stacklevel=3)
+        warnings.warn(msg, RecompileWarning, stacklevel=4)
 
     def __repr__(self) -> str:
-        return f"jit({self._name}, compiles={self.compiles})"
+        k = f", steps_per_call={self.steps_per_call}" if self.steps_per_call > 1 else ""
+        return f"jit({self._name}{k}, compiles={self.compiles})"
 
 
 def jit(
@@ -411,6 +506,7 @@ def jit(
     backend: Any = "inductor",
     dynamic: bool | None = None,
     options: dict[str, Any] | None = None,
+    steps_per_call: int = 1,
 ) -> Any:
     """Compile ``step`` whole (forward, backward, optimizer update) with ``torch.compile``.
 
@@ -435,6 +531,13 @@ def jit(
         equals the eager one with dropout too (the default is inductor's faster RNG).
         jit sets ``size_asserts=False`` (dynamo's guards already check every input's
         sizes and strides); ``{"size_asserts": True}`` puts inductor's checks back.
+      steps_per_call: K, the steps one call runs (Keras' ``steps_per_execution``, a JAX
+        ``lax.scan`` over batches). With K > 1 the jitted step is called as
+        ``jitted(state, batches)`` with a list of 1..K batches and returns the state after
+        them and each metric stacked over the steps, shape ``(len(batches),)``; it equals
+        ``len(batches)`` single steps (step count, schedules). ``fit`` groups the batches by
+        it. A shorter group, a group of batches of differing shapes and a step that draws
+        random numbers run as single calls of the one-step graph (see the module's notes).
 
     Returns:
       a :class:`JittedStep` (the compiled step, with ``compiles`` and
@@ -454,6 +557,13 @@ def jit(
     >>> tk.testing.assert_trees_close(s1.params, s2.params, rtol=1e-5, atol=1e-6)
     >>> s1.step, fast.compiles, tk.applied_transforms(fast)
     (1, 1, ('jit',))
+
+    Four steps per call, over a list of batches:
+
+    >>> four = tk.jit(train_step, backend="aot_eager", steps_per_call=4)
+    >>> s4, m4 = four(state, [batch] * 4)
+    >>> s4.step, m4["loss"].shape
+    (4, torch.Size([4]))
     """
     if mode not in _MODES:
         raise ValueError(f"jit: mode must be one of {list(_MODES)}, got {mode!r}.")
@@ -462,6 +572,8 @@ def jit(
             raise TypeError(f"jit: {name} must be True or False, got {v!r}.")
     if max_recompiles is not None and (not isinstance(max_recompiles, int) or isinstance(max_recompiles, bool) or max_recompiles < 0):
         raise ValueError(f"jit: max_recompiles must be an int >= 0 or None, got {max_recompiles!r}.")
+    if not isinstance(steps_per_call, int) or isinstance(steps_per_call, bool) or steps_per_call < 1:
+        raise ValueError(f"jit: steps_per_call must be an int >= 1 (the steps one call runs), got {steps_per_call!r}.")
     if on_recompile not in ("warn", "raise"):
         raise ValueError(f'jit: on_recompile must be "warn" or "raise", got {on_recompile!r}.')
     if not (isinstance(backend, str) or callable(backend)):
@@ -488,6 +600,7 @@ def jit(
             backend=backend,
             dynamic=dynamic,
             options=options,
+            steps_per_call=steps_per_call,
         )
         return mark(jitted, step, "jit")
 
