@@ -2,7 +2,7 @@
 
 The transform sets the LR of each step from a sweep and records ``(lr, loss)``
 in ``state.slots["lr_range_test"]``; ``find_lr`` runs it on a copy of the state
-and returns an :class:`LRRangeResult` with the curve, a suggestion and a plot.
+and returns an :class:`LRRangeResult` with the curve, the suggestions and a plot.
 The caller's state is never touched, so there is nothing to save and restore
 (Lightning's finder restores from a temporary file, and forgets the weights it
 trained: #6675).
@@ -11,17 +11,34 @@ Choices (where the peers differ): the sweep is ``min_lr * (max_lr / min_lr) **
 (i / (num_steps - 1))``, both ends included, and the LR recorded is the LR the
 step used; the loss is smoothed by an EMA with ``beta = smoothing`` divided by
 ``1 - beta ** (i + 1)``; the sweep stops when the smoothed loss exceeds
-``diverge_threshold`` times its best (or the loss is not finite); the suggestion
-is the point of steepest descent of the smoothed loss against ``log(lr)``, over
-the finite points left after dropping ``skip_start`` at the start and
-``skip_end`` at the end.
+``diverge_threshold`` times its best (or the loss is not finite).
+
+The suggestion (``find_lr(..., suggest=...)``; ``result.suggestions`` holds all
+three, ``result.message`` says which rule chose and where). Every rule looks at
+the finite points left after dropping ``skip_start`` at the start and ``skip_end``
+at the end, against ``log(lr)``:
+
+- ``"valley"`` (**the default**, :func:`suggest_valley`): the middle, in log-LR, of
+  the lower half of the loss's descent into its valley: between the point where the
+  descent is half done and the lowest point, on a centred running median of the
+  recorded losses. Both landmarks are levels, not slopes, so mini-batch noise barely
+  moves them; the median has no lag, where the EMA trails by ~50 steps (half a
+  default sweep). On a linear regression it lands at 0.13-0.44 x the stable limit 2/L.
+- ``"steepest"`` (:func:`suggest_lr`): where the smoothed loss falls fastest, as
+  Lightning (and fastai's ``steep``). With mini-batch noise the steepest slope is the
+  EMA's early noise, so it lands on the plateau, often on the first point after the
+  skipped ones; kept for clean curves and for comparison.
+- ``"minimum"``: the LR of the lowest smoothed loss, divided by 10 (fastai's).
+
+``benchmarks/lr_finder.py`` trains at each rule's suggestion, at a grid of LRs and at
+Lightning's on four tasks; figures in ``benchmarks/RESULTS.md``.
 """
 
 from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping, Union
 
 import torch
@@ -33,7 +50,7 @@ from ..state import TrainState
 from ._base import mark, two_forms
 from .table import check_order
 
-__all__ = ["lr_range_test", "find_lr", "LRRangeResult", "suggest_lr"]
+__all__ = ["lr_range_test", "find_lr", "LRRangeResult", "suggest_lr", "suggest_valley", "suggest_lrs", "centered_median", "RULES"]
 
 NAME = "lr_range_test"
 _MODES = {"exp": "exp", "exponential": "exp", "linear": "linear"}
@@ -231,19 +248,41 @@ def _record(slot: Mapping[str, Any], lr: float, loss: float, cfg: Mapping[str, A
     }
 
 
-# --------------------------------------------------------------------------- the result
+# --------------------------------------------------------------------------- the suggestions
+
+RULES = ("valley", "steepest", "minimum")
+
+
+def _window(
+    lrs: list[float], curve: list[float], skip_start: int, skip_end: int, *, finite: bool = True
+) -> tuple[list[int], str | None]:
+    """The indices a rule looks at (lr > 0, ends skipped, ``curve`` finite), or ``[]`` and why there are too few."""
+    n = len(lrs)
+    if len(curve) != n:
+        raise ValueError(f"suggest_lr: lrs and the loss curve must have one value per step, got {n} and {len(curve)}.")
+    idx = [i for i in range(min(skip_start, n), max(n - skip_end, 0)) if (math.isfinite(curve[i]) or not finite) and lrs[i] > 0]
+    if len(idx) < 3:
+        return [], (
+            f"no suggestion: {n} points recorded, {len(idx)} finite ones left after skipping {skip_start} at the start "
+            f"and {skip_end} at the end; 3 are needed. Raise num_steps, or lower max_lr if the loss diverged early."
+        )
+    if any(lrs[b] <= lrs[a] for a, b in zip(idx[:-1], idx[1:], strict=True)):
+        return [], "no suggestion: the recorded LRs are not increasing (was the sweep run twice on one state?)."
+    return idx, None
 
 
 def suggest_lr(
     lrs: list[float], smoothed: list[float], *, skip_start: int = 10, skip_end: int = 1
 ) -> tuple[float | None, float | None, str]:
-    """``(steepest, min_div_10, message)`` from a recorded curve.
+    """``(steepest, min_div_10, message)`` from a recorded curve (the ``"steepest"`` and ``"minimum"`` rules).
 
     ``steepest``: the LR where the smoothed loss falls fastest against ``log(lr)``
     (``torch.gradient`` with the log-LRs as coordinates), over the finite points of
     ``[skip_start : len - skip_end]``; ``min_div_10``: the LR of the lowest smoothed
     loss there, divided by 10 (fastai's "minimum / 10"). ``None`` for both, and a
-    message saying why, when fewer than 3 points remain.
+    message saying why, when fewer than 3 points remain. With mini-batch noise the
+    steepest point is often the first one after ``skip_start`` (the first smoothed
+    values average few losses): :func:`suggest_lrs`' ``"valley"`` is the robust rule.
 
     >>> lrs = [10 ** (-4 + i / 10) for i in range(41)]
     >>> curve = [1 / (1 + (lr / 1e-2) ** 2) + (lr / 0.5) ** 4 for lr in lrs]  # falls fastest at lr = 1e-2
@@ -251,24 +290,123 @@ def suggest_lr(
     >>> round(steepest, 4), round(min10, 4)
     (0.01, 0.0126)
     """
-    n = len(lrs)
-    window = range(min(skip_start, n), max(n - skip_end, 0))
-    idx = [i for i in window if math.isfinite(smoothed[i]) and lrs[i] > 0]
-    if len(idx) < 3:
-        return (
-            None,
-            None,
-            f"no suggestion: {n} points recorded, {len(idx)} finite ones left after skipping {skip_start} at the start "
-            f"and {skip_end} at the end; 3 are needed. Raise num_steps, or lower max_lr if the loss diverged early.",
-        )
+    idx, why = _window(lrs, smoothed, skip_start, skip_end)
+    if why is not None:
+        return None, None, why
     x = torch.tensor([math.log(lrs[i]) for i in idx], dtype=torch.float64)
     y = torch.tensor([smoothed[i] for i in idx], dtype=torch.float64)
-    if bool((x[1:] <= x[:-1]).any()):
-        return None, None, "no suggestion: the recorded LRs are not increasing (was the sweep run twice on one state?)."
     slope = torch.gradient(y, spacing=(x,))[0]
     steep = idx[int(torch.argmin(slope))]
     lowest = idx[int(torch.argmin(y))]
     return lrs[steep], lrs[lowest] / 10, f"steepest descent of the smoothed loss at lr={lrs[steep]:.3g}"
+
+
+def centered_median(losses: list[float], half_width: int) -> list[float]:
+    """The running median of ``losses`` over ``2 * half_width + 1`` points centred on each (non-finite ones left out).
+
+    Zero lag, unlike the EMA; a median, so one spiky mini-batch does not move it. ``nan``
+    where the window holds no finite loss; the window shrinks at the ends.
+
+    >>> centered_median([1.0, 9.0, 1.0, 2.0, float("nan"), 3.0], 1)
+    [5.0, 1.0, 2.0, 1.5, 2.5, 3.0]
+    """
+    n, out = len(losses), []
+    for i in range(n):
+        window = sorted(v for v in losses[max(0, i - half_width) : i + half_width + 1] if math.isfinite(v))
+        k = len(window)
+        out.append(math.nan if k == 0 else (window[k // 2] if k % 2 else (window[k // 2 - 1] + window[k // 2]) / 2))
+    return out
+
+
+def suggest_valley(
+    lrs: list[float], losses: list[float], *, skip_start: int = 10, skip_end: int = 1
+) -> tuple[float | None, str]:
+    """``(valley, message)``: the middle, in log-LR, of the lower half of the loss's descent into its valley.
+
+    The curve is the centred running median of the recorded ``losses`` over 5% of the
+    points on each side (:func:`centered_median`; at least 2): it has no lag, where
+    the EMA of the sweep trails by about ``1 / (1 - smoothing)`` = 50 steps, half a
+    default sweep, and would put the valley decades too far right. The valley has two
+    landmarks that noise barely moves:
+
+    - its **bottom**, the curve's lowest point (at ``lr_low``): past it the LR is too
+      large to make progress (on a quadratic, 0.7-0.9 x the stable limit 2/L);
+    - its **half-way point** (at ``lr_half``): the last LR before ``lr_low`` where the
+      curve is still at or above ``(top + low) / 2``, ``top`` being the plateau (the
+      median of the first quarter of the points before ``lr_low``). On a clean S-shaped
+      descent that is the steepest point; with noise it stays put, since noise smaller
+      than half the drop cannot cross that level far from it (a derivative, by
+      contrast, is all noise where the curve is flat).
+
+    The suggestion is the recorded LR nearest ``sqrt(lr_half * lr_low)``: below the
+    edge by a margin (typically 2-3x), above the point of fastest descent (where a run
+    at a fixed LR is still slow). fastai's ``valley`` takes the middle of the longest
+    descending stretch in the same spirit; this finds the stretch without comparing
+    noisy neighbours. Same window as :func:`suggest_lr`; ``None`` and a message when
+    the curve does not descend.
+
+    >>> lrs = [10 ** (-5 + i / 10) for i in range(51)]
+    >>> curve = [0.2 + 1 / (1 + (lr / 1e-2) ** 2) + (lr / 0.3) ** 4 for lr in lrs]  # half-way near 1e-2, lowest near 0.07
+    >>> lr, msg = suggest_valley(lrs, curve)
+    >>> round(lr, 4), msg[:23]
+    (0.02, 'valley: lr=0.02, midway')
+    >>> msg[-44:]  # its two landmarks
+    'lr=0.00794 and its lowest point at lr=0.0631'
+    >>> suggest_valley(lrs, [1.0] * 51)[0] is None  # flat: no valley
+    True
+    """
+    idx, why = _window(lrs, losses, skip_start, skip_end, finite=False)
+    if why is not None:
+        return None, why
+    curve = centered_median(losses, max(2, len(losses) // 20))
+    idx = [i for i in idx if math.isfinite(curve[i])]
+    if len(idx) < 3:
+        return None, f"no suggestion: {len(idx)} points with a finite loss left after skipping; 3 are needed. Raise num_steps."
+    low_at = min(idx, key=lambda i: curve[i])
+    before = [i for i in idx if i <= low_at]
+    head = sorted(curve[i] for i in before[: max(3, len(before) // 4)])
+    top = head[len(head) // 2] if len(head) % 2 else (head[len(head) // 2 - 1] + head[len(head) // 2]) / 2
+    low = curve[low_at]
+    if len(before) < 3 or not top > low:
+        return None, (
+            f"no valley: the loss does not descend before its lowest point at lr={lrs[low_at]:.3g}; "
+            "lower min_lr (the sweep must start where the loss barely moves), or raise max_lr."
+        )
+    half_at = [i for i in before if curve[i] >= (top + low) / 2][-1]
+    middle = (math.log(lrs[half_at]) + math.log(lrs[low_at])) / 2
+    at = min(before, key=lambda i: abs(math.log(lrs[i]) - middle))
+    return lrs[at], (
+        f"valley: lr={lrs[at]:.3g}, midway in log-LR between the half-way point of the descent of the loss "
+        f"(running median, {top:.4g} to {low:.4g}) at lr={lrs[half_at]:.3g} and its lowest point at lr={lrs[low_at]:.3g}"
+    )
+
+
+def suggest_lrs(
+    lrs: list[float], losses: list[float], smoothed: list[float], *, skip_start: int = 10, skip_end: int = 1
+) -> tuple[dict[str, float | None], dict[str, str]]:
+    """Every rule's suggestion and message: ``({"valley": lr, "steepest": lr, "minimum": lr}, messages)``.
+
+    ``"valley"`` (:func:`suggest_valley` on the recorded ``losses``; the default of
+    :func:`find_lr`), ``"steepest"`` and ``"minimum"`` (the lowest smoothed loss / 10;
+    both :func:`suggest_lr` on the ``smoothed`` curve).
+
+    >>> lrs = [10 ** (-5 + i / 10) for i in range(51)]
+    >>> curve = [0.2 + 1 / (1 + (lr / 1e-2) ** 2) + (lr / 0.3) ** 4 for lr in lrs]
+    >>> lrs_by_rule, messages = suggest_lrs(lrs, curve, curve)
+    >>> {k: round(v, 4) for k, v in lrs_by_rule.items()}
+    {'valley': 0.02, 'steepest': 0.01, 'minimum': 0.0079}
+    """
+    valley, valley_msg = suggest_valley(lrs, losses, skip_start=skip_start, skip_end=skip_end)
+    steepest, min10, steep_msg = suggest_lr(lrs, smoothed, skip_start=skip_start, skip_end=skip_end)
+    minimum_msg = steep_msg if min10 is None else f"minimum: lr={min10:.3g}, the lowest smoothed loss at lr={min10 * 10:.3g}, / 10"
+    return {"valley": valley, "steepest": steepest, "minimum": min10}, {
+        "valley": valley_msg,
+        "steepest": steep_msg if steepest is None else f"steepest: lr={steepest:.3g}, the {steep_msg}",
+        "minimum": minimum_msg,
+    }
+
+
+# --------------------------------------------------------------------------- the result
 
 
 @dataclass(frozen=True)
@@ -276,11 +414,13 @@ class LRRangeResult:
     """What :func:`find_lr` found: the curve, the suggestions, and how the sweep ended.
 
     Fields: ``lrs``, ``losses``, ``smoothed`` (lists of floats, one per step, the LR
-    being the one that step used); ``suggestion`` (steepest descent against
-    log-LR, or ``None``); ``suggestion_min_div_10`` (the LR of the lowest smoothed
-    loss / 10, or ``None``); ``message`` (why there is no suggestion, or where it
-    is); ``stop_reason`` (sweep complete, diverged, or non-finite loss);
-    ``diverged`` (the sweep ended before ``max_lr`` because the loss blew up).
+    being the one that step used); ``suggestion`` (the chosen rule's LR, or ``None``);
+    ``suggestion_min_div_10`` (the LR of the lowest smoothed loss / 10, or ``None``);
+    ``message`` (which rule chose and where, or why there is no suggestion);
+    ``stop_reason`` (sweep complete, diverged, or non-finite loss); ``diverged`` (the
+    sweep ended before ``max_lr`` because the loss blew up); ``suggestions`` (every
+    rule's LR: ``{"valley": ..., "steepest": ..., "minimum": ...}``, see
+    :func:`suggest_lrs`); ``rule`` (the rule behind ``suggestion``).
     """
 
     lrs: list[float]
@@ -291,6 +431,8 @@ class LRRangeResult:
     message: str
     stop_reason: str
     diverged: bool
+    suggestions: Mapping[str, float | None] = field(default_factory=dict)
+    rule: str = "valley"
 
     @property
     def diverged_lr(self) -> float | None:
@@ -300,8 +442,8 @@ class LRRangeResult:
     def __repr__(self) -> str:
         fmt = lambda v: "None" if v is None else f"{v:.3g}"
         return (
-            f"LRRangeResult(suggestion={fmt(self.suggestion)}, suggestion_min_div_10={fmt(self.suggestion_min_div_10)}, "
-            f"steps={len(self.lrs)}, stop_reason={self.stop_reason!r})"
+            f"LRRangeResult(suggestion={fmt(self.suggestion)} ({self.rule}), "
+            f"suggestion_min_div_10={fmt(self.suggestion_min_div_10)}, steps={len(self.lrs)}, stop_reason={self.stop_reason!r})"
         )
 
     def plot(self, path: Union[str, os.PathLike, None] = None, ax: Any = None) -> Any:
@@ -315,7 +457,7 @@ class LRRangeResult:
         >>> lrs = [10 ** (-4 + i / 10) for i in range(41)]
         >>> curve = [1 / (1 + (lr / 1e-2) ** 2) for lr in lrs]
         >>> s, m, msg = suggest_lr(lrs, curve)
-        >>> r = LRRangeResult(lrs, curve, curve, s, m, msg, "sweep complete", False)
+        >>> r = LRRangeResult(lrs, curve, curve, s, m, msg, "sweep complete", False, rule="steepest")
         >>> path = os.path.join(tempfile.mkdtemp(), "lr.png")
         >>> ax = r.plot(path)
         >>> open(path, "rb").read(4) == b"\\x89PNG", ax.get_xscale()
@@ -341,7 +483,8 @@ class LRRangeResult:
         if self.suggestion is not None:
             i = self.lrs.index(self.suggestion)
             ax.axvline(self.suggestion, color="tab:red", linestyle="--", linewidth=1)
-            ax.plot([self.suggestion], [self.smoothed[i]], "o", color="tab:red", markersize=8, label=f"suggestion {self.suggestion:.3g}")
+            label = f"suggestion ({self.rule}) {self.suggestion:.3g}"
+            ax.plot([self.suggestion], [self.smoothed[i]], "o", color="tab:red", markersize=8, label=label)
         if self.suggestion_min_div_10 is not None:
             ax.axvline(
                 self.suggestion_min_div_10,
@@ -374,6 +517,7 @@ def find_lr(
     loss_key: str = "loss",
     skip_start: int = 10,
     skip_end: int = 1,
+    suggest: str = "valley",
 ) -> LRRangeResult:
     """Run the LR range test of ``step`` from ``state`` over ``loader``; return the curve and a suggestion.
 
@@ -382,7 +526,11 @@ def find_lr(
     it again when it runs out, until the sweep ends or diverges. The caller's
     ``state`` is not changed in any way (values and tensor versions), nothing is
     written to disk, and the global RNG is restored afterwards, so a later
-    ``fit`` is unaffected. Arguments as :func:`lr_range_test` and :func:`suggest_lr`.
+    ``fit`` is unaffected. Arguments as :func:`lr_range_test` and :func:`suggest_lr`;
+    ``suggest`` names the rule behind ``result.suggestion``: ``"valley"`` (the default:
+    half-way down the descent of the smoothed loss, robust to mini-batch noise),
+    ``"steepest"`` (Lightning's rule, on log-LR) or ``"minimum"`` (the lowest smoothed
+    loss / 10). ``result.suggestions`` holds all three.
 
     Use the suggestion as the LR of a fresh state (or the peak of a one-cycle schedule):
     ``state = make_state(lr=result.suggestion)``.
@@ -398,8 +546,8 @@ def find_lr(
     ...     loss, grads = tk.value_and_grad(loss_fn)(state.params)
     ...     return state.apply_gradients(grads), {"loss": loss}
     >>> result = tk.find_lr(step, state, data, min_lr=1e-4, max_lr=10.0, num_steps=60)
-    >>> result.diverged, 1e-2 < result.suggestion < 1.0, state.step
-    (True, True, 0)
+    >>> result.diverged, 1e-2 < result.suggestion < 1.0, result.rule, sorted(result.suggestions), state.step
+    (True, True, 'valley', ['minimum', 'steepest', 'valley'], 0)
     """
     if not callable(step):
         raise TypeError(f"find_lr: step must be a function (state, batch) -> (state, metrics), got {type(step).__name__}.")
@@ -408,6 +556,11 @@ def find_lr(
     for name, v in (("skip_start", skip_start), ("skip_end", skip_end)):
         if not isinstance(v, int) or isinstance(v, bool) or v < 0:
             raise ValueError(f"find_lr: {name} must be an int >= 0, got {v!r}.")
+    if suggest not in RULES:
+        raise ValueError(
+            f'find_lr: suggest must be one of {", ".join(map(repr, RULES))}, got {suggest!r}. '
+            'Use "valley" (the default, robust to noise), "steepest" or "minimum" (lowest loss / 10).'
+        )
     tested = lr_range_test(
         step,
         min_lr=min_lr,
@@ -441,15 +594,18 @@ def find_lr(
                 )
     slot = work.slots[NAME]
     lrs, losses, smoothed = list(slot["lrs"]), list(slot["losses"]), list(slot["smoothed"])
-    suggestion, min10, message = suggest_lr(lrs, smoothed, skip_start=skip_start, skip_end=skip_end)
+    suggestions, messages = suggest_lrs(lrs, losses, smoothed, skip_start=skip_start, skip_end=skip_end)
+    others = ", ".join(f"{k} {'None' if v is None else f'{v:.3g}'}" for k, v in suggestions.items() if k != suggest)
     reason = slot["reason"] or ""
     return LRRangeResult(
         lrs=lrs,
         losses=losses,
         smoothed=smoothed,
-        suggestion=suggestion,
-        suggestion_min_div_10=min10,
-        message=message,
+        suggestion=suggestions[suggest],
+        suggestion_min_div_10=suggestions["minimum"],
+        message=f"{messages[suggest]} (rule {suggest!r}; other rules: {others})",
         stop_reason=reason,
         diverged=not reason.startswith("sweep complete"),
+        suggestions=suggestions,
+        rule=suggest,
     )
