@@ -56,7 +56,10 @@ from ..state import TrainState
 from ._base import mark, two_forms
 from .table import check_order
 
-__all__ = ["distributed", "DistributedError", "local_device", "shard_loader", "reduce_means"]
+__all__ = [
+    "distributed", "DistributedError", "local_device", "shard_loader", "reduce_means",
+    "shard_state", "gather_state", "is_sharded", "local_state_bytes", "model_differences",
+]
 
 _TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
@@ -100,6 +103,17 @@ def _init_default_group(backend: str | None, timeout: datetime.timedelta) -> Non
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(local_device())
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if attempt is not None and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        # After torchrun restarts the group, the workers meet in the same store as the killed ones did,
+        # where the killed ranks' addresses are still written: a new rank 0 can read one of them and fail
+        # ("Gloo connectFullMesh failed ... Connection refused", measured with --max-restarts 1). A prefix
+        # per attempt keeps each attempt to its own keys.
+        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False, timeout=timeout)
+        store = dist.PrefixStore(f"trainkit/attempt-{attempt}", store)
+        dist.init_process_group(backend, store=store, rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]),
+                                timeout=timeout)
+        return
     dist.init_process_group(backend, timeout=timeout)
 
 
@@ -387,6 +401,358 @@ def _check_same_start(state: TrainState, comm: _Comm) -> None:
         )
 
 
+# --------------------------------------------------------------------------- sharded params (params="fsdp")
+#
+# The SimpleFSDP design, on DTensor: the state's params and the optimizer state shaped like
+# them are DTensors sharded on dim 0 (Shard(0)) over a 1-D device mesh; each rank holds and
+# updates only its shard, with trainkit's own optimizer (its foreach kernels run on DTensors:
+# DTensor dispatches them to the local shards, and clip_by_global_norm's norm comes out
+# Replicate, i.e. global). For the forward, a module hook all-gathers each module's params
+# just before that module runs (redistribute(Replicate()), differentiable); its backward,
+# declared by to_local(grad_placements=[Partial("avg")]), is a reduce-scatter of the
+# gradient, so value_and_grad returns each rank's shard of the mean gradient over ranks.
+# fully_shard (FSDP2) was tried first and does not fit: it gathers into separate unsharded
+# leaf Parameters and accumulates into .grad of the sharded ones, so the gradient of the
+# loss with respect to the state's (sharded) params, which torch.autograd.grad computes in
+# tk.value_and_grad, does not exist in its graph.
+
+
+def _dtensor_api() -> Any:
+    from torch.distributed import tensor as dt
+
+    _register_missing_strategies()
+    return dt
+
+
+_REGISTERED: list[bool] = []
+
+
+def _register_missing_strategies() -> None:
+    """Teach DTensor the one foreach op trainkit.optim uses that torch 2.13 leaves out.
+
+    ``optim.MultiSteps`` starts each accumulation with ``torch._foreach_copy_``, which DTensor
+    has no sharding strategy for ("Operator aten._foreach_copy_.default does not have a
+    sharding strategy registered"). It is pointwise: registered as torch registers its other
+    foreach ops (``_foreach_add_.List`` and the like), so the shards are copied locally.
+    """
+    if _REGISTERED:
+        return
+    _REGISTERED.append(True)
+    try:
+        from torch.distributed.tensor import DTensor
+        from torch.distributed.tensor._ops._pointwise_ops import _register_single_dim_pointwise
+
+        op = torch.ops.aten._foreach_copy_.default
+        if op not in DTensor._op_dispatcher.sharding_propagator.op_single_dim_strategy_funcs:
+            _register_single_dim_pointwise(op)
+    except (ImportError, AttributeError):  # another torch: it may know the op already
+        pass
+
+
+_MESHES: dict[Any, Any] = {}  # process group -> its 1-D DeviceMesh (one per group, as torch keeps groups)
+
+
+def _mesh(comm: _Comm) -> Any:
+    mesh = _MESHES.get(comm.group)
+    if mesh is None:
+        from torch.distributed.device_mesh import DeviceMesh
+
+        device_type = "cuda" if comm.backend == "nccl" else "cpu"
+        mesh = _MESHES[comm.group] = DeviceMesh.from_group(comm.group, device_type)
+    return mesh
+
+
+def _is_ours(t: Any) -> bool:
+    return isinstance(t, _dtensor_api().DTensor) and any(t.device_mesh is m for m in _MESHES.values())
+
+
+def _placement(t: Tensor) -> Any:
+    dt = _dtensor_api()
+    return dt.Shard(0) if t.dim() >= 1 else dt.Replicate()  # a 0-d param cannot be split: each rank keeps it
+
+
+def _to_dtensor(t: Tensor, mesh: Any, requires_grad: bool) -> Tensor:
+    dt = _dtensor_api()
+    # src_data_rank=None: every rank cuts its shard from its own copy, no communication
+    # (the copies were checked equal across ranks first).
+    out = dt.distribute_tensor(t.detach(), mesh, [_placement(t)], src_data_rank=None)
+    return out.requires_grad_(requires_grad)
+
+
+def is_sharded(state: TrainState) -> bool:
+    """Whether ``state``'s params are sharded DTensors (made by :func:`shard_state` or ``distributed(params="fsdp")``).
+
+    >>> import torch, trainkit as tk
+    >>> is_sharded(tk.TrainState.create(torch.nn.Linear(2, 1), tk.optim.sgd(0.1)))
+    False
+    """
+    return any(isinstance(t, _dtensor_api().DTensor) for t in state.params.values()) if torch.distributed.is_available() else False
+
+
+def dist_available() -> bool:
+    return torch.distributed.is_available()
+
+
+def _map_param_shaped(tree: Any, params: Mapping[str, Tensor], fn: Callable[[Tensor, str], Tensor]) -> Any:
+    """``tree`` (an optimizer state) with ``fn`` applied to each tensor kept under a param's name with its shape."""
+    from torch.utils import _pytree as pytree
+
+    leaves, spec = pytree.tree_flatten_with_path(tree)
+    out = []
+    for path, leaf in leaves:
+        key = getattr(path[-1], "key", None) if path else None
+        if isinstance(leaf, Tensor) and isinstance(key, str) and key in params and tuple(leaf.shape) == tuple(params[key].shape):
+            leaf = fn(leaf, key)
+        out.append(leaf)
+    return pytree.tree_unflatten(out, spec)
+
+
+def _signature(state: TrainState) -> list[tuple[str, str, tuple[int, ...], str]]:
+    return [(kind, n, tuple(t.shape), str(t.dtype).removeprefix("torch."))
+            for kind, tensors in (("param", state.params), ("buffer", state.buffers)) for n, t in tensors.items()]
+
+
+def _ranks(rs: Sequence[int]) -> str:
+    return f"rank {rs[0]}" if len(rs) == 1 else f"ranks {list(rs)}"
+
+
+def model_differences(signatures: Sequence[Sequence[tuple[str, str, tuple[int, ...], str]]]) -> list[str]:
+    """What differs between the ranks' models, one line per param or buffer (``[]``: none).
+
+    ``signatures[r]`` lists rank ``r``'s ``(kind, name, shape, dtype)``.
+
+    >>> model_differences([[("param", "w", (2, 3), "float32")], [("param", "w", (2, 4), "float32")]])
+    ["param 'w': shape (2, 3) float32 on rank 0, shape (2, 4) float32 on rank 1"]
+    >>> model_differences([[("param", "w", (2,), "float32")], []])
+    ["param 'w': shape (2,) float32 on rank 0, missing on rank 1"]
+    """
+    names: dict[tuple[str, str], None] = {}
+    by_rank = []
+    for sig in signatures:
+        mine = {(k, n): (shape, dtype) for k, n, shape, dtype in sig}
+        by_rank.append(mine)
+        names.update(dict.fromkeys(mine))
+    lines = []
+    for kind, name in names:
+        seen: dict[Any, list[int]] = {}
+        for r, mine in enumerate(by_rank):
+            seen.setdefault(mine.get((kind, name)), []).append(r)
+        if len(seen) > 1:
+            parts = [f"{'missing' if v is None else f'shape {v[0]} {v[1]}'} on {_ranks(rs)}" for v, rs in seen.items()]
+            lines.append(f"{kind} {name!r}: " + ", ".join(parts))
+    return lines
+
+
+def _check_same_model(state: TrainState, comm: _Comm) -> None:
+    """Every rank must hold the same model (names, shapes, dtypes): else the shards do not line up."""
+    gathered: list[Any] = [None] * comm.world
+    try:
+        torch.distributed.all_gather_object(gathered, _signature(state), group=comm.group)
+    except RuntimeError as e:
+        raise comm.error("model check (all_gather_object)", state.step, e) from e
+    lines = model_differences(gathered)
+    if lines:
+        shown = "; ".join(lines[:8]) + (f"; and {len(lines) - 8} more" if len(lines) > 8 else "")
+        raise ValueError(
+            f"distributed(params='fsdp'): the ranks were built with different models: {shown}. "
+            "Build the same model on every rank (the same code and arguments), or resume every rank from the same checkpoint."
+        )
+
+
+def _check_same_position(state: TrainState, comm: _Comm) -> None:
+    """A sharded state: the ranks must be at the same step with the same rng (their params are shards)."""
+    with torch.no_grad():
+        mine = torch.tensor([float(state.step), float(state.rng % (1 << 52))], dtype=torch.float64)
+        if comm.backend == "nccl":
+            mine = mine.to(state.device.type if state.device.type == "cuda" else local_device())
+        both = torch.cat([mine, -mine])
+        comm.all_reduce(both, "start-state check", state.step, torch.distributed.ReduceOp.MAX)
+    if not torch.equal(both[:2], -both[2:]):
+        raise DistributedError(
+            f"distributed: the ranks start from different states (step or rng differ; seen on {comm.describe()}). "
+            "Resume every rank from the same checkpoint."
+        )
+
+
+def _shard(state: TrainState, comm: _Comm) -> TrainState:
+    _check_same_model(state, comm)
+    _check_same_start(state, comm)
+    mesh = _mesh(comm)
+    params = {n: _to_dtensor(t, mesh, t.requires_grad) for n, t in state.params.items()}
+    opt_state = _map_param_shaped(state.opt_state, state.params, lambda t, n: _to_dtensor(t, mesh, False))
+    return state.replace(params=params, opt_state=opt_state)
+
+
+def shard_state(state: TrainState, *, process_group: Any = None, timeout: Union[float, datetime.timedelta] = 600.0) -> TrainState:
+    """``state`` with its params and the optimizer state shaped like them sharded across the ranks (ZeRO-3).
+
+    Each param becomes a DTensor sharded on dim 0 over the ranks of ``process_group``
+    (a 0-d param stays whole on every rank); each rank then holds about ``1/W`` of the
+    params and optimizer state. Collective: call it on every rank. First checks that
+    every rank holds the same model (``ValueError`` naming each param that differs and
+    the ranks) and the same values, step and rng (:class:`DistributedError`).
+    ``distributed(params="fsdp")`` calls it on a state that is not sharded yet.
+
+    >>> import torch, trainkit as tk
+    >>> shard_state(tk.TrainState.create(torch.nn.Linear(2, 1), tk.optim.sgd(0.1)))  # doctest: +SKIP
+    """
+    comm = _make_comm(process_group, None, _seconds(timeout))
+    if not isinstance(state, TrainState):
+        raise TypeError(f"shard_state: state must be a TrainState, got {type(state).__name__}.")
+    return state if is_sharded(state) else _shard(state, comm)
+
+
+def gather_state(state: TrainState) -> TrainState:
+    """``state`` with every sharded tensor gathered whole (plain tensors, on every rank): for export or evaluation.
+
+    Collective when ``state`` is sharded (call it on every rank); returns ``state`` as it is otherwise.
+
+    >>> import torch, trainkit as tk
+    >>> s = tk.TrainState.create(torch.nn.Linear(2, 1), tk.optim.sgd(0.1))
+    >>> gather_state(s) is s
+    True
+    """
+    if not is_sharded(state):
+        return state
+    DTensor = _dtensor_api().DTensor
+
+    def full(t: Any) -> Any:
+        return t.full_tensor() if isinstance(t, DTensor) else t
+
+    with torch.no_grad():
+        params = {n: full(t).detach().requires_grad_(t.requires_grad) for n, t in state.params.items()}
+        opt_state = _map_param_shaped(state.opt_state, state.params, lambda t, n: full(t))
+    return state.replace(params=params, opt_state=opt_state)
+
+
+def local_state_bytes(state: TrainState) -> int:
+    """Bytes of params + optimizer state held by this rank (only the local shard of a sharded tensor).
+
+    >>> import torch, trainkit as tk
+    >>> local_state_bytes(tk.TrainState.create(torch.nn.Linear(3, 1), tk.optim.adam(1e-3)))  # 4 floats, 3 copies
+    48
+    """
+    from torch.utils import _pytree as pytree
+
+    DTensor = _dtensor_api().DTensor if torch.distributed.is_available() else ()
+    total = 0
+    for t in pytree.tree_leaves((state.params, state.opt_state)):
+        if isinstance(t, Tensor):
+            local = t.to_local() if isinstance(t, DTensor) else t
+            total += local.numel() * local.element_size()
+    return total
+
+
+class _Gatherer:
+    """The module hooks that swap a module's sharded params for whole ones while it runs.
+
+    Installed once per process (global module hooks), they act only on DTensors of the
+    meshes made here. With grad enabled (a train step) the gather is differentiable and
+    its backward reduce-scatters the gradient; without (evaluation), the whole params are
+    kept until the shards change, so an evaluation gathers once, not per batch (ranks may
+    then run different numbers of eval batches, each at least one).
+    """
+
+    def __init__(self) -> None:
+        self.saved: dict[int, list[list[tuple[str, Tensor]]]] = {}
+        self.cache: dict[int, tuple[Any, int, Tensor]] = {}
+        self.handles: list[Any] = []
+
+    def install(self) -> None:
+        if not self.handles:
+            from torch.nn.modules import module as m
+
+            self.handles = [m.register_module_forward_pre_hook(self.pre), m.register_module_forward_hook(self.post, always_call=True)]
+
+    def whole(self, p: Tensor) -> Tensor:
+        dt = _dtensor_api()
+        if torch.is_grad_enabled() and p.requires_grad:
+            self.cache.clear()  # training: the shards are about to change
+            return p.redistribute(p.device_mesh, [dt.Replicate()]).to_local(grad_placements=[dt.Partial("avg")])
+        local = p.to_local()
+        hit = self.cache.get(id(p))
+        if hit is not None and hit[0]() is local and hit[1] == local._version:
+            return hit[2]
+        import weakref
+
+        with torch.no_grad():
+            full = p.full_tensor()
+        self.cache[id(p)] = (weakref.ref(local), local._version, full)
+        return full
+
+    def pre(self, module: torch.nn.Module, args: Any) -> None:
+        swapped = [(attr, p) for attr, p in module._parameters.items() if p is not None and _is_ours(p)]
+        if swapped:
+            for attr, p in swapped:
+                module._parameters[attr] = self.whole(p)  # type: ignore[assignment]
+            self.saved.setdefault(id(module), []).append(swapped)
+
+    def post(self, module: torch.nn.Module, args: Any, output: Any) -> None:
+        stack = self.saved.get(id(module))
+        if stack:
+            for attr, p in stack.pop():
+                module._parameters[attr] = p  # type: ignore[assignment]
+            if not stack:
+                del self.saved[id(module)]
+
+
+_GATHERER = _Gatherer()
+
+
+class _ShardedGradients(_functional.StepHook):
+    """Counts the backward passes of a sharded step; the gradients arrive reduce-scattered (by autograd)."""
+
+    owner = "distributed"
+    traceable = False
+
+    def __init__(self) -> None:
+        self.rounds = 0
+
+    def grads(self, grads: list[Tensor], params: Sequence[Tensor]) -> list[Tensor]:
+        self.rounds += 1
+        return grads
+
+
+def _is_comm_failure(e: BaseException) -> bool:
+    kinds = tuple(k for k in (getattr(torch.distributed, "DistError", None),) if k is not None)
+    text = str(e).lower()
+    return isinstance(e, kinds) or any(w in text for w in ("gloo", "nccl", "connection", "timed out", "timeout", "peer"))
+
+
+def _fsdp(inner: Callable[..., Any], comm: _Comm, reduce_metrics: bool) -> Callable[..., Any]:
+    _mesh(comm)
+    _GATHERER.install()
+    checked = [False]
+
+    def fsdp_step(state: TrainState, batch: Any) -> tuple[TrainState, dict[str, Any]]:
+        if not isinstance(state, TrainState):
+            raise TypeError(f"distributed: state must be a TrainState, got {type(state).__name__}.")
+        if not is_sharded(state):
+            state = _shard(state, comm)  # the caller's state stays as it was; the result is sharded
+        elif not checked[0]:
+            _check_same_position(state, comm)
+        checked[0] = True
+        hook = _ShardedGradients()
+        try:
+            with _functional.hooks(hook, params=state.params):
+                new_state, metrics = check_step_output(inner(state, batch), "distributed: step")
+        except RuntimeError as e:
+            if isinstance(e, DistributedError) or not _is_comm_failure(e):
+                raise
+            raise comm.error("parameter all-gather or gradient reduce-scatter", state.step, e) from e
+        if hook.rounds == 0:
+            raise RuntimeError(
+                "distributed: the step computed no gradients through trainkit.value_and_grad, so no gradient was "
+                "reduced across ranks. Compute them with tk.value_and_grad(loss_fn)(state.params)."
+            )
+        if reduce_metrics:
+            device = new_state.device if comm.backend == "nccl" else torch.device("cpu")
+            metrics = _reduce_metrics(metrics, batch_size(batch), comm, device, state.step)
+        return new_state, metrics
+
+    return fsdp_step
+
+
 # --------------------------------------------------------------------------- the transform
 
 
@@ -399,6 +765,7 @@ def distributed(
     overlap: bool = True,
     reduce_metrics: bool = True,
     backend: str | None = None,
+    params: str = "replicated",
 ) -> Any:
     """Run ``step`` on every rank of a ``torch.distributed`` group, averaging the gradients across ranks.
 
@@ -418,6 +785,19 @@ def distributed(
       reduce_metrics: average the metrics across ranks, weighted by each rank's batch
         size (one small all-reduce per step), so that every rank logs, checks and stops
         on the same numbers.
+      params: ``"replicated"`` (default: every rank holds the whole model and optimizer
+        state, DDP-style) or ``"fsdp"`` (ZeRO-3: params, gradients and optimizer state
+        sharded across the ranks on DTensor, about ``1/W`` of them per rank; see below).
+
+    Sharded params (``params="fsdp"``, the SimpleFSDP design): the step takes a state
+    sharded by :func:`shard_state` (a state that is not sharded yet is sharded on the way
+    in; the caller's stays as it is) and returns a sharded one. Each module's params are
+    all-gathered just before it runs and the gradients reduce-scattered by autograd, so
+    each rank's optimizer updates only its shard; ``bucket_cap_mb`` and ``overlap`` do not
+    apply. The forward must run the same modules on every rank; params the step uses
+    outside a module call are DTensors. Checkpoint with
+    :class:`trainkit.sharded_checkpoint.ShardedCheckpointer`; :func:`gather_state` gives
+    the whole state back.
 
     Returns:
       The wrapped step. Its gradients are the mean over ranks of each rank's gradients
@@ -453,6 +833,8 @@ def distributed(
     for name, flag in (("overlap", overlap), ("reduce_metrics", reduce_metrics)):
         if not isinstance(flag, bool):
             raise TypeError(f"distributed: {name} must be True or False, got {flag!r}.")
+    if params not in ("replicated", "fsdp"):
+        raise ValueError(f"distributed: params must be 'replicated' or 'fsdp', got {params!r}.")
     if backend is not None and backend not in ("gloo", "nccl"):
         raise ValueError(f"distributed: backend must be 'gloo', 'nccl' or None (pick by device), got {backend!r}.")
     cap_bytes = max(1, int(bucket_cap_mb * (1 << 20)))
@@ -460,6 +842,8 @@ def distributed(
     def make(inner: Callable[..., Any]) -> Callable[..., Any]:
         check_order("distributed", inner)
         comm = _make_comm(process_group, backend, seconds)
+        if params == "fsdp":
+            return mark(_fsdp(inner, comm, reduce_metrics), inner, "distributed")
         layouts: dict = {}
         checked = [False]
 
