@@ -57,10 +57,14 @@ test-xla: xla-venv
 test-vision: xla-venv
 	$(VISION_TEST) $(ARGS)
 
+# bench: the JAX contender needs the `jax` extra (JAX + Optax CPU wheels, ~300 MB; never a core dependency).
 bench: venv
+	$(PY) -c "import jax, optax" 2>/dev/null || $(PY) -m pip install -q 'jax[cpu]>=0.4' 'optax>=0.2'
 	$(PY) benchmarks/overhead.py
 	$(PY) benchmarks/scaling.py
 	$(PY) benchmarks/suite.py
+	$(PY) benchmarks/jit_overhead.py
+	$(PY) benchmarks/multistep.py
 
 clean:
 	rm -rf $(VENV) $(XLA_VENV) runs .pytest_cache

@@ -170,3 +170,31 @@ def test_inductor_k_step_graph_equals_single_steps():
     assert_states_close(s_k, s_1)
     assert_trees_close(m_k, m_1, **TOL)
     assert step._multi.compiles == 1 and step.compiles == 2
+
+
+# --------------------------------------------------------------------------- the lean call
+
+
+@pytest.mark.parametrize("lr", [1e-2, "schedule"])
+def test_donated_calls_reuse_the_lr_tensors_without_recompiling(lr):
+    tx = tk.optim.adam(tk.optim.cosine_decay_schedule(1e-2, 50) if lr == "schedule" else lr)
+    torch.manual_seed(0)
+    from test_jit import mlp
+
+    state = tk.TrainState.create(mlp(), tx)
+    eager = state.clone()
+    step = tk.jit(train_step, backend="aot_eager", max_recompiles=0, on_recompile="raise")
+    with tk.donating():
+        for b in batches(6):
+            state, _ = step(state, b)
+            assert type(state.lr) is float
+    for b in batches(6):
+        eager, _ = train_step(eager, b)
+    assert step.compiles == 1
+    assert_states_close(state, eager)
+    changed = state.with_lr(0.5)  # a new optimizer state: converted afresh, not the cached tensors
+    with tk.donating():
+        changed, _ = step(changed, batches(1)[0])
+    eager, _ = train_step(eager.with_lr(0.5), batches(1)[0])
+    assert_states_close(changed, eager)
+    assert step.compiles == 1

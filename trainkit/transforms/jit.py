@@ -392,6 +392,9 @@ class JittedStep:
         self._single = _Graph(self, self._name, compiler)
         self._multi = _Graph(self, f"{self._name}_x{steps_per_call}", compiler) if steps_per_call > 1 else None
         self._multi_step = functools.partial(_run_steps, step)  # one object: dynamo guards on it
+        self._lr_cache: tuple[Any, Any] | None = None  # (opt_state handed back, the same with LR tensors)
+        # CUDA graphs (reduce-overhead) overwrite their outputs at the next replay: no reuse there
+        self._reuse_lr = mode not in ("reduce-overhead", "max-autotune") and not (options or {}).get("triton.cudagraphs")
         self._groups = 0  # K-step calls so far (first group: single calls, to learn whether the step draws)
         # the one-step graph's function, kept under its old names (tests and tools read them)
         self._fn, self._code, self._compiled = self._single.fn, self._single.code, self._single.compiled
@@ -432,16 +435,25 @@ class JittedStep:
         ctx = _functional.current_context()
         if ctx.hooks or state.device.type == "xla":
             _check_outer(ctx.hooks, state)
-        if not (self.donate and ctx.donate):
+        donated = self.donate and ctx.donate
+        if not donated:
             # The same graph as the donated step, run on a copy: the caller's state is untouched.
             state = state.clone()
             ctx = dataclasses.replace(ctx, donate=True)
         traced_module(state.module, True)  # made outside the graph: tracing only looks it up
         # The LR changes every step under a schedule: as a Python float, inductor would bake it
-        # into the graph and recompile for each new value; as a 0-d tensor it is an input.
-        lr_state = _optim.map_lr(state.opt_state, _lr_tensor)
-        if lr_state is not state.opt_state:
-            state = state.replace(opt_state=lr_state)
+        # into the graph and recompile for each new value (dynamo specialises a float that
+        # reaches a foreach kernel); as a 0-d tensor it is an input. Walking the optimizer state
+        # both ways costs about as much as the rest of this wrapper, so a donated call whose
+        # optimizer state is the one the last call handed back reuses that call's tensors.
+        opt_state, cached = state.opt_state, self._lr_cache
+        if cached is not None and cached[0] is opt_state:
+            state = state.replace(opt_state=cached[1])
+        else:
+            lr_state = _optim.map_lr(opt_state, _lr_tensor)
+            if lr_state is not opt_state:
+                state = state.replace(opt_state=lr_state)
+        self._lr_cache = None
         call = _Call(self, state)
         if self._draws_random:
             call.seed()
@@ -459,10 +471,12 @@ class JittedStep:
             _check_metrics(out, self._name)  # the output's structure is fixed per graph
             self._after_compile(graph)
         new_state = out[0] if type(out) is tuple and len(out) == 2 else None
-        if isinstance(new_state, TrainState):  # an update that was vetoed hands back our LR tensors
+        if isinstance(new_state, TrainState):  # (an update that was vetoed hands back our LR tensors too)
             lr_state = _optim.map_lr(new_state.opt_state, _lr_float)
             if lr_state is not new_state.opt_state:
                 out = (new_state.replace(opt_state=lr_state), out[1])
+                if donated and self._reuse_lr:  # the same values, as tensors: the next donated call's input
+                    self._lr_cache = (lr_state, new_state.opt_state)
         return out
 
     def _after_compile(self, graph: _Graph) -> None:
