@@ -1,5 +1,6 @@
 """fit / evaluate / epoch_step: the fold, its host syncs, and its errors."""
 
+import csv
 import math
 
 import pytest
@@ -191,3 +192,37 @@ def test_resume_after_max_steps_cut_an_epoch_continues_that_epoch(tmp_path):
     assert resumed.step == 12 and [h["epoch"] for h in history] == [1, 2, 3]
     tk.testing.assert_trees_equal(resumed.params, full.params)
     assert history == full_history  # the cut epoch's means include the batches before the cut
+
+
+def _k_steps(k):
+    """A step running k single steps a call over a list of batches, as tk.jit(step, steps_per_call=k) does."""
+
+    def step(state, batches):
+        ms = []
+        for b in batches:
+            state, m = _linear_step(state, b)
+            ms.append(m)
+        return state, {key: torch.stack([m[key] for m in ms]) for key in ms[0]}
+
+    step.steps_per_call = k
+    return step
+
+
+def test_the_fold_feeds_k_batches_a_call_and_observers_see_every_step(tmp_path):
+    data = _data(7)
+    logger = tk.CSVLogger(tmp_path, name="k")
+    ckpt = tk.Checkpointer(tmp_path / "ckpt", every_n_steps=4, keep_last=10)
+    s_k, h_k = tk.fit(_k_steps(3), _state(), data, epochs=2, max_steps=11, logger=logger, checkpoint=ckpt, log_every=2, progress=False)
+    s_1, h_1 = tk.fit(_linear_step, _state(), data, epochs=2, max_steps=11, progress=False)
+    tk.testing.assert_trees_equal(s_k.params, s_1.params)
+    assert s_k.step == 11 and [h["step"] for h in h_k] == [h["step"] for h in h_1] == [7, 11]  # groups never pass max_steps
+    assert [h["train_loss"] for h in h_k] == pytest.approx([h["train_loss"] for h in h_1])
+    logged = [int(r["step"]) for r in csv.DictReader(open(logger.path)) if r.get("train/loss")]
+    assert logged == [2, 4, 6, 8, 10]  # every log_every step, from inside the groups
+    # a checkpoint is written at the end of a call that passed a due step (4: after 6; 8: after 10), and at
+    # the epoch's end (7) and the cut (11); groups restart with each epoch (3, 3, 1 | 3, 1)
+    saved = sorted(int(p.stem.split("-")[1]) for p in ckpt.checkpoints())
+    assert saved == [6, 7, 10, 11]
+    resumed, _ = tk.fit(_k_steps(3), _state(), data, epochs=2, max_steps=11, checkpoint=tk.Checkpointer(tmp_path / "ckpt"),
+                        resume=tmp_path / "ckpt" / "step-000000006.pt", progress=False)
+    tk.testing.assert_trees_equal(resumed.params, s_1.params)

@@ -33,14 +33,17 @@ class EpochData:
     batches are drawn and dropped first (to resume mid-epoch exactly). ``train_mean``,
     when given, is the running mean of the epoch's train metrics: the runner owns it
     so that a mid-epoch checkpoint holds it and a resumed epoch reports whole-epoch means.
+    For a step that runs K steps a call (``tk.jit(step, steps_per_call=K)``) the fold passes
+    ``on_step`` a list of K metric dicts, and never runs a group past ``max_steps``.
     """
 
     train: Iterable[Any]
     val: Iterable[Any] | None = None
     epoch: int = 0
     skip: int = 0
-    on_step: Callable[[Any, Mapping[str, Any], int], bool] | None = field(default=None, repr=False)
+    on_step: Callable[[Any, Any, int], bool] | None = field(default=None, repr=False)
     train_mean: Any = field(default=None, repr=False)
+    max_steps: int | None = None
 
 
 def check_step_output(out: Any, where: str = "step_fn") -> tuple[Any, Mapping[str, Any]]:

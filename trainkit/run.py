@@ -21,7 +21,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Mapping, Union
+from typing import Any, Callable, Iterable, Iterator, Mapping, Union
 
 import torch
 from torch import Tensor
@@ -70,21 +70,24 @@ def epoch_step(
     if is_epoch_step(step):
         raise TypeError("epoch_step: step is already an epoch step (it consumes EpochData); pass it to fit as it is.")
     gauges = gauges_of(step)
+    per_call = getattr(step, "steps_per_call", 1)  # tk.jit(step, steps_per_call=K): K batches a call
 
     def run_epoch(state: TrainState, data: EpochData) -> tuple[TrainState, dict[str, Any]]:
         if not isinstance(data, EpochData):
             raise TypeError(_NOT_EPOCH_DATA.format(got=type(data).__name__))
         train = data.train_mean if data.train_mean is not None else Mean(gauges)
-        for i, batch in enumerate(data.train):
-            if i < data.skip:
-                continue
+        first = True
+        for group in _groups(data, per_call, state.step):
             before = state.step
-            state, metrics = check_step_output(step(state, batch), "step_fn")
-            if i == data.skip and state.step == before:
+            state, metrics = check_step_output(step(state, group if per_call > 1 else group[0]), "step_fn")
+            if first and state.step == before:
                 raise RuntimeError(_NO_ADVANCE.format(step=before))
-            n = batch_size(batch)
-            train.add(metrics, n)
-            if data.on_step is not None and data.on_step(state, metrics, n):
+            first = False
+            sizes = [batch_size(b) for b in group]
+            per_step = [metrics] if per_call == 1 else [{k: v[i] for k, v in metrics.items()} for i in range(len(group))]
+            for m, n in zip(per_step, sizes, strict=True):
+                train.add(m, n)
+            if data.on_step is not None and data.on_step(state, per_step[-1] if per_call == 1 else per_step, sum(sizes)):
                 break
         out = {f"train_{k}": v for k, v in train.across_ranks().items()}
         if eval_step is not None and data.val is not None:
@@ -96,6 +99,23 @@ def epoch_step(
     run_epoch.__trainkit_gauges__ = gauges  # type: ignore[attr-defined]
     run_epoch.__name__ = f"epoch_of_{getattr(step, '__name__', 'step')}"
     return run_epoch
+
+
+def _groups(data: EpochData, per_call: int, step: int) -> Iterator[list[Any]]:
+    """The batches after ``data.skip``, in lists of ``per_call`` (fewer at the end of the epoch, or where
+    ``data.max_steps`` would be passed: a group never runs past the step limit)."""
+    group: list[Any] = []
+    for i, batch in enumerate(data.train):
+        if i < data.skip:
+            continue
+        group.append(batch)
+        room = per_call if data.max_steps is None else min(per_call, data.max_steps - step)
+        if len(group) >= room:
+            step += len(group)
+            yield group
+            group = []
+    if group:
+        yield group
 
 
 _NOT_EPOCH_DATA = (
@@ -208,18 +228,35 @@ class RunPosition:
 
 
 class _Event:
-    """One train step as the observers see it; the metrics are read on the host at most once."""
+    """One call of the step as the observers see it: one step, or the K steps of a ``steps_per_call``
+    step (``metrics`` then a list, one dict per step). The metrics are read on the host at most once."""
 
     __slots__ = ("state", "metrics", "_scalars")
 
-    def __init__(self, state: TrainState, metrics: Mapping[str, Any]) -> None:
-        self.state, self.metrics, self._scalars = state, metrics, None
+    def __init__(self, state: TrainState, metrics: Any) -> None:
+        self.state, self.metrics = state, metrics if isinstance(metrics, list) else [metrics]
+        self._scalars: list[dict[str, float]] | None = None
+
+    @property
+    def steps(self) -> range:
+        """The global step numbers this call ran."""
+        return range(self.state.step - len(self.metrics) + 1, self.state.step + 1)
+
+    def per_step(self) -> list[tuple[int, dict[str, float]]]:
+        if self._scalars is None:
+            self._scalars = [to_floats(m) for m in self.metrics]  # a host sync point on accelerators
+        return list(zip(self.steps, self._scalars, strict=True))
 
     @property
     def scalars(self) -> dict[str, float]:
-        if self._scalars is None:
-            self._scalars = to_floats(self.metrics)  # a host sync point on accelerators
-        return self._scalars
+        """The metrics of the last step, as floats."""
+        return self.per_step()[-1][1]
+
+    def hits(self, every: int) -> list[tuple[int, dict[str, float]]]:
+        """The steps (and their metrics) that fall on an interval of ``every``; reads nothing otherwise."""
+        if not any(t % every == 0 for t in self.steps):
+            return []
+        return [(t, m) for t, m in self.per_step() if t % every == 0]
 
 
 class _Observer:
@@ -252,10 +289,10 @@ class _Progress(_Observer):
         self.val: dict[str, str] = {}
 
     def step(self, event: _Event, position: RunPosition) -> bool:
-        self.bar.update(1)
-        if event.state.step % self.log_every == 0:
+        self.bar.update(len(event.steps))
+        for _, scalars in event.hits(self.log_every)[-1:]:
             self.bar.set_description(_epoch_label(position, self.epochs), refresh=False)
-            self.train = {k: f"{v:.4g}" for k, v in event.scalars.items()}
+            self.train = {k: f"{v:.4g}" for k, v in scalars.items()}
             self.bar.set_postfix({**self.train, **self.val}, refresh=False)
         return False
 
@@ -276,8 +313,8 @@ class _PlainProgress(_Observer):
         self.t0 = time.perf_counter()
 
     def step(self, event: _Event, position: RunPosition) -> bool:
-        if self.every and event.state.step % self.every == 0:
-            self._print(f"{_epoch_label(position, self.epochs)} step {event.state.step}: {_fmt(event.scalars)}")
+        for t, scalars in event.hits(self.every) if self.every else ():
+            self._print(f"{_epoch_label(position, self.epochs)} step {t}: {_fmt(scalars)}")
         return False
 
     def epoch(self, state: TrainState, row: dict[str, float], position: RunPosition, partial: bool) -> None:
@@ -302,14 +339,14 @@ class _Logging(_Observer):
         self.has_lr = True
 
     def step(self, event: _Event, position: RunPosition) -> bool:
-        if event.state.step % self.log_every == 0:
-            scalars = {f"train/{k}": v for k, v in event.scalars.items()}
-            if self.has_lr:
+        for t, step_scalars in event.hits(self.log_every):
+            scalars = {f"train/{k}": v for k, v in step_scalars.items()}
+            if self.has_lr:  # (after a K-step call: the LR the state holds at its end)
                 try:
                     scalars["train/lr"] = float(event.state.lr)
                 except ValueError:  # an optimizer of the user's own with no LR stage: nothing to log
                     self.has_lr = False
-            self.logger.log_metrics(scalars, event.state.step)
+            self.logger.log_metrics(scalars, t)
         return False
 
     def epoch(self, state: TrainState, row: dict[str, float], position: RunPosition, partial: bool) -> None:
@@ -328,8 +365,8 @@ class _FiniteCheck(_Observer):
     def step(self, event: _Event, position: RunPosition) -> bool:
         # On the CPU reading a metric costs nothing, so every step is checked; on an
         # accelerator only the log intervals are (a host sync).
-        if event.state.step % self.log_every == 0 or _on_cpu(event.metrics):
-            check_finite(event.scalars, event.state.step)
+        for t, scalars in event.per_step() if _on_cpu(event.metrics[0]) else event.hits(self.log_every):
+            check_finite(scalars, t)
         return False
 
     def epoch(self, state: TrainState, row: dict[str, float], position: RunPosition, partial: bool) -> None:
@@ -345,7 +382,7 @@ class _Checkpointing(_Observer):
             # max_steps cut this epoch: save it now, before validation and epoch-level transforms
             # (early_stop) count an evaluation of the part-epoch; resume continues the epoch here.
             self.checkpointer.save(event.state, meta=position.meta())
-        elif self.checkpointer.due_step(event.state.step):
+        elif any(self.checkpointer.due_step(t) for t in event.steps):  # (a K-step call: saved at its end)
             self.checkpointer.save(event.state, meta=position.meta())
         return False
 
@@ -455,7 +492,7 @@ def fit(
             while (epochs is None or position.epoch < epochs) and not stop.stopped:
                 if max_steps is not None and state.step >= max_steps:
                     break
-                state = _run_epoch(epoch_fn, state, train_loader, val_loader, position, observers, steps_per_epoch, gauges)
+                state = _run_epoch(epoch_fn, state, (train_loader, val_loader), position, observers, (steps_per_epoch, max_steps), gauges)
     finally:
         for o in observers:
             o.close()
@@ -465,18 +502,19 @@ def fit(
 def _run_epoch(
     epoch_fn: Callable[..., Any],
     state: TrainState,
-    train_loader: Iterable[Any],
-    val_loader: Iterable[Any] | None,
+    loaders: tuple[Iterable[Any], Iterable[Any] | None],
     position: RunPosition,
     observers: list[_Observer],
-    steps_per_epoch: int | None,
+    limits: tuple[int | None, int | None],
     gauges: frozenset[str],
 ) -> TrainState:
+    """One epoch of ``epoch_fn`` (limits: the steps per epoch, and max_steps), seen by the observers."""
+    (train_loader, val_loader), (steps_per_epoch, max_steps) = loaders, limits
     position.start_epoch(gauges)
 
-    def on_step(s: TrainState, metrics: Mapping[str, Any], n: int) -> bool:
-        position.batch += 1
+    def on_step(s: TrainState, metrics: Any, n: int) -> bool:
         event = _Event(s, metrics)
+        position.batch += len(event.steps)
         ends = [o.step(event, position) for o in observers]  # every observer sees every step
         return any(ends)
 
@@ -484,7 +522,8 @@ def _run_epoch(
     if hasattr(sampler, "set_epoch"):
         sampler.set_epoch(position.epoch)
     data = EpochData(
-        train=train_loader, val=val_loader, epoch=position.epoch, skip=position.batch, on_step=on_step, train_mean=position.mean
+        train=train_loader, val=val_loader, epoch=position.epoch, skip=position.batch, on_step=on_step,
+        train_mean=position.mean, max_steps=max_steps,
     )
     # The shuffle order of this epoch is a function of (state.rng, epoch).
     with torch.random.fork_rng(devices=[]):
