@@ -1,6 +1,6 @@
 """tk.distributed on the CPU: steps/s of 1 and 2 ranks (gloo, loopback) and the communication cost per step.
 
-    python benchmarks/scaling.py [--steps 60] [--rounds 5] [--batch 64]
+    python benchmarks/scaling.py [--steps 60] [--rounds 5] [--batch 64] [--sharding-only]
 
 One rank is this process: the bare step, then the same step under ``tk.distributed``
 on a group of one (what the hooks and buckets cost without any peer). Two ranks are
@@ -20,6 +20,14 @@ state:
 
 Every process uses one thread (``torch.set_num_threads(1)``), so 2 ranks use the two
 cores of these machines and 1 rank uses one. Numbers are medians over rounds.
+
+Then **sharded params** (``params="fsdp"``) against replicated, on 1, 2 and 4 ranks
+(torchrun, each rank its own batch of ``--batch`` rows): ms per step and the bytes of
+params + optimizer state each rank holds (the largest rank's), for ``tk.distributed``
+replicated, ``params="fsdp"`` with and without prefetched gathers (``overlap``), and
+torch's own FSDP2 (``fully_shard`` on each Linear and the root, ``torch.optim.Adam``) as
+the reference. CPU only: no GPU in this measurement; 4 ranks on 2 cores share them, so
+their times measure contention as much as scaling.
 """
 
 from __future__ import annotations
@@ -127,15 +135,122 @@ def worker(args: argparse.Namespace) -> None:
     torch.distributed.destroy_process_group()
 
 
+def time_fsdp2(data: list) -> tuple[float, int]:
+    """The reference: torch's FSDP2 (fully_shard per Linear, then the root) and torch.optim.Adam; (s/step, local bytes)."""
+    from torch.distributed.fsdp import fully_shard
+
+    model = tk.to_module(make_state()).train()
+    for m in model:
+        if isinstance(m, nn.Linear):
+            fully_shard(m)
+    fully_shard(model)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+
+    def one(b: tuple) -> torch.Tensor:
+        opt.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(model(b[0]), b[1])
+        loss.backward()
+        opt.step()
+        return loss
+
+    one(data[0])
+    t0 = time.perf_counter()
+    for b in data:
+        loss = one(b)
+    float(loss)
+    elapsed = (time.perf_counter() - t0) / len(data)
+    tensors = [*model.parameters(), *(v for st in opt.state.values() for v in st.values() if isinstance(v, torch.Tensor))]
+    local = [t.to_local() if hasattr(t, "to_local") else t for t in tensors]
+    return elapsed, sum(t.numel() * t.element_size() for t in local)
+
+
+def time_sharded(step, data: list) -> tuple[float, int]:
+    """(seconds per step, bytes of params + optimizer state on this rank), the state donated as fit does."""
+    from trainkit.transforms.distributed import local_state_bytes
+
+    state = make_state()
+    with tk.donating():
+        state, m = step(state, data[0])  # warm-up (and, for fsdp, the sharding of the state)
+        t0 = time.perf_counter()
+        for b in data:
+            state, m = step(state, b)
+        float(m["loss"])
+    return (time.perf_counter() - t0) / len(data), local_state_bytes(state)
+
+
+def shard_worker(args: argparse.Namespace) -> None:
+    """One rank of the sharding table (under torchrun, 1, 2 or 4 ranks)."""
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", timeout=datetime.timedelta(seconds=300))
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    data = batches(args.steps, args.batch, seed=rank)
+    contenders = {
+        "replicated": lambda: time_sharded(tk.distributed(train_step), data),
+        "fsdp": lambda: time_sharded(tk.distributed(train_step, params="fsdp"), data),
+        "fsdp, no overlap": lambda: time_sharded(tk.distributed(train_step, params="fsdp", overlap=False), data),
+        "FSDP2 + torch.optim (reference)": lambda: time_fsdp2(data),
+    }
+    times: dict[str, list[float]] = {k: [] for k in contenders}
+    nbytes: dict[str, int] = {}
+    for r in range(args.rounds):
+        order = list(contenders) if r % 2 == 0 else list(contenders)[::-1]
+        for k in order:
+            torch.distributed.barrier()
+            t, b = contenders[k]()
+            times[k].append(t)
+            nbytes[k] = b
+    gathered: list = [None] * world
+    torch.distributed.all_gather_object(gathered, {k: (statistics.median(v), nbytes[k]) for k, v in times.items()})
+    if rank == 0:
+        Path(args.shard_worker).write_text(json.dumps(gathered))
+    torch.distributed.destroy_process_group()
+
+
+def sharding_table(args: argparse.Namespace) -> None:
+    worlds: dict[int, list] = {}
+    with tempfile.TemporaryDirectory() as d:
+        for world in (1, 2, 4):
+            out = Path(d) / f"shard{world}.json"
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(world), __file__,
+                   "--steps", str(args.steps), "--rounds", str(args.rounds), "--batch", str(args.batch),
+                   "--shard-worker", str(out)]
+            proc = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True)
+            if proc.returncode:
+                raise SystemExit(f"scaling.py: the {world}-rank run failed:\n{proc.stderr[-4000:]}")
+            worlds[world] = json.loads(out.read_text())
+    numel = sum(t.numel() for t in make_state().params.values())
+    print(f"\nsharded params (params='fsdp') vs replicated, CPU only (no GPU here), gloo; {numel:,} params, Adam, "
+          f"{args.batch} rows per rank per step; 4 ranks share 2 cores")
+    print("bytes = params + optimizer state held by the largest rank; ms = median over ranks of each rank's median")
+    print(f"{'':34s} " + " ".join(f"{f'{w} rank' + ('s' if w > 1 else ''):>19s}" for w in worlds))
+    print(f"{'':34s} " + " ".join(f"{'ms/step':>8s} {'MB/rank':>10s}" for _ in worlds))
+    for k in worlds[1][0]:
+        cells = []
+        for ranks in worlds.values():
+            ms = statistics.median(r[k][0] for r in ranks) * 1e3
+            mb = max(r[k][1] for r in ranks) / 2**20
+            cells.append(f"{ms:8.2f} {mb:10.2f}")
+        print(f"{k:34s} " + " ".join(cells))
+    for w, ranks in worlds.items():
+        rep, sh = max(r["replicated"][1] for r in ranks), max(r["fsdp"][1] for r in ranks)
+        print(f"{w} rank{'s' if w > 1 else ''}: fsdp holds {sh / rep:.3f} of the replicated bytes per rank (1/{w} = {1 / w:.3f})")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--sharding-only", action="store_true", help="only the sharded-vs-replicated table")
     p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.add_argument("--shard-worker", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
         return worker(args)
+    if args.shard_worker:
+        return shard_worker(args)
+    if args.sharding_only:
+        return sharding_table(args)
 
     torch.set_num_threads(1)
     data = batches(args.steps, args.batch, seed=0)
@@ -178,6 +293,7 @@ def main() -> None:
     print(f"\ncommunication per step, 2 ranks: all-reduce of {numel * 4 / 2**20:.1f} MB alone: {two['comm only'] * 1e3:.2f} ms; "
           f"a 2-rank step costs {(two['overlap'] - two['bare']) * 1e3:+.2f} ms with overlap, "
           f"{(two['no-overlap'] - two['bare']) * 1e3:+.2f} ms without, over the same ranks' bare step")
+    sharding_table(args)
 
 if __name__ == "__main__":
     main()

@@ -253,6 +253,20 @@ def test_one_rank_is_the_step_and_passes_check_step(group_of_one):
     assert_trees_close(composed(state, batch), got, rtol=1e-12, atol=1e-12)
 
 
+def test_sharded_params_on_one_rank_are_the_step_and_pass_check_step(group_of_one):
+    from trainkit.transforms.distributed import gather_state, is_sharded, shard_state
+
+    state, batch = W.make_state(), _batch()
+    step = tk.distributed(W.train_step, params="fsdp")
+    assert tk.applied_transforms(step) == ("distributed",)
+    got, metrics = step(state, batch)  # a plain state is sharded on the way in; the caller's stays plain
+    assert is_sharded(got) and not is_sharded(state)
+    expected, expected_m = W.train_step(state, batch)
+    assert_trees_close(gather_state(got).params, expected.params, rtol=1e-12, atol=1e-12)
+    assert_trees_close(metrics, expected_m, rtol=1e-12, atol=1e-12)
+    check_step(step, shard_state(state), batch)
+
+
 def test_a_hook_outside_that_changes_gradients_is_respected(group_of_one):
     class Double(tk.StepHook):
         def grads(self, grads, params):
@@ -318,6 +332,10 @@ def test_rejects_epoch_steps_other_parallel_transforms_and_foreign_groups():
         tk.distributed(W.train_step, process_group="world")
     with pytest.raises(ValueError, match="compiled by tk.jit"):
         tk.distributed(tk.transforms.mark(lambda s, b: (s, {}), W.train_step, "jit"))
+    with pytest.raises(ValueError, match="already wrapped by data_parallel"):  # sharded params: the same wrap-time checks
+        tk.distributed(tk.data_parallel(W.train_step, devices=["cpu"]), params="fsdp")
+    with pytest.raises(ValueError, match="params must be 'replicated' or 'fsdp'"):
+        tk.distributed(W.train_step, params="zero3")
 
 
 def _marked_distributed():

@@ -70,6 +70,9 @@ def equal(out: Path, rank: int, world: int) -> dict:
                            "bytes_replicated": D.local_state_bytes(make_state(tx=clipped_adam())),
                            "local_shapes": {n: tuple(t.to_local().shape) for n, t in state.params.items()}}
 
+    lazy = tk.distributed(train_step, params="fsdp", overlap=False, timeout=60)  # no prefetch: gathered as each module runs
+    result["no_overlap"] = whole(run(lazy, make_state(tx=clipped_adam()), global_batches(world), rank, world)[0])
+
     # (2) mixed_precision(bfloat16) inside: sharded and replicated on the same ranks, same batches
     from trainkit.transforms.mixed_precision import mixed_precision
 

@@ -656,6 +656,7 @@ class _Gatherer:
     def __init__(self) -> None:
         self.saved: dict[int, list[list[tuple[str, Tensor]]]] = {}
         self.cache: dict[int, tuple[Any, int, Tensor]] = {}
+        self.ready: dict[int, Tensor] = {}  # prefetched gathers of this step, by id of the shard
         self.handles: list[Any] = []
 
     def install(self) -> None:
@@ -664,11 +665,26 @@ class _Gatherer:
 
             self.handles = [m.register_module_forward_pre_hook(self.pre), m.register_module_forward_hook(self.post, always_call=True)]
 
-    def whole(self, p: Tensor) -> Tensor:
+    @staticmethod
+    def gather(p: Tensor, async_op: bool = False) -> Tensor:
+        """The whole of ``p``, differentiable: its backward reduce-scatters the gradient (the mean over ranks)."""
         dt = _dtensor_api()
+        return p.redistribute(p.device_mesh, [dt.Replicate()], async_op=async_op).to_local(grad_placements=[dt.Partial("avg")])
+
+    def prefetch(self, params: Mapping[str, Tensor]) -> None:
+        """Launch the all-gathers of every sharded param now, in the params' order, without waiting.
+
+        Each is waited for only when its module first uses it (an ``AsyncCollectiveTensor``),
+        so the gathers of the later layers run while the first layers compute.
+        """
+        self.cache.clear()
+        self.ready = {id(p): self.gather(p, async_op=True) for p in params.values() if _is_ours(p) and p.requires_grad}
+
+    def whole(self, p: Tensor) -> Tensor:
         if torch.is_grad_enabled() and p.requires_grad:
             self.cache.clear()  # training: the shards are about to change
-            return p.redistribute(p.device_mesh, [dt.Replicate()]).to_local(grad_placements=[dt.Partial("avg")])
+            ready = self.ready.pop(id(p), None)
+            return ready if ready is not None else self.gather(p)
         local = p.to_local()
         hit = self.cache.get(id(p))
         if hit is not None and hit[0]() is local and hit[1] == local._version:
@@ -719,7 +735,7 @@ def _is_comm_failure(e: BaseException) -> bool:
     return isinstance(e, kinds) or any(w in text for w in ("gloo", "nccl", "connection", "timed out", "timeout", "peer"))
 
 
-def _fsdp(inner: Callable[..., Any], comm: _Comm, reduce_metrics: bool) -> Callable[..., Any]:
+def _fsdp(inner: Callable[..., Any], comm: _Comm, reduce_metrics: bool, overlap: bool) -> Callable[..., Any]:
     _mesh(comm)
     _GATHERER.install()
     checked = [False]
@@ -734,12 +750,16 @@ def _fsdp(inner: Callable[..., Any], comm: _Comm, reduce_metrics: bool) -> Calla
         checked[0] = True
         hook = _ShardedGradients()
         try:
+            if overlap and torch.is_grad_enabled():
+                _GATHERER.prefetch(state.params)
             with _functional.hooks(hook, params=state.params):
                 new_state, metrics = check_step_output(inner(state, batch), "distributed: step")
         except RuntimeError as e:
             if isinstance(e, DistributedError) or not _is_comm_failure(e):
                 raise
             raise comm.error("parameter all-gather or gradient reduce-scatter", state.step, e) from e
+        finally:
+            _GATHERER.ready = {}  # what the step did not use (none, for a step that runs every module)
         if hook.rounds == 0:
             raise RuntimeError(
                 "distributed: the step computed no gradients through trainkit.value_and_grad, so no gradient was "
@@ -781,7 +801,9 @@ def distributed(
         peer exits. Default 600 s (NCCL's default).
       bucket_cap_mb: size of the gradient buckets (DDP's default, 25 MB).
       overlap: all-reduce each bucket as soon as backward has filled it (default), or
-        all of them after backward.
+        all of them after backward. With ``params="fsdp"``: launch every param's
+        all-gather at the start of the step, each waited for when its module runs
+        (default), or gather each module's params only when it runs.
       reduce_metrics: average the metrics across ranks, weighted by each rank's batch
         size (one small all-reduce per step), so that every rank logs, checks and stops
         on the same numbers.
@@ -792,10 +814,13 @@ def distributed(
     Sharded params (``params="fsdp"``, the SimpleFSDP design): the step takes a state
     sharded by :func:`shard_state` (a state that is not sharded yet is sharded on the way
     in; the caller's stays as it is) and returns a sharded one. Each module's params are
-    all-gathered just before it runs and the gradients reduce-scattered by autograd, so
-    each rank's optimizer updates only its shard; ``bucket_cap_mb`` and ``overlap`` do not
-    apply. The forward must run the same modules on every rank; params the step uses
-    outside a module call are DTensors. Checkpoint with
+    all-gathered for its forward and the gradients reduce-scattered by autograd, so each
+    rank's optimizer updates only its shard (``bucket_cap_mb`` does not apply; the
+    gradient accumulation of ``optim.MultiSteps`` reduces every micro-step). Every rank
+    must run the same modules in the same order (a rank-dependent forward would wait for
+    collectives its peers never issue, until ``timeout``); params the step uses outside a
+    module call are DTensors. Evaluating a sharded state gathers its params once, on the
+    first forward after an update. Checkpoint with
     :class:`trainkit.sharded_checkpoint.ShardedCheckpointer`; :func:`gather_state` gives
     the whole state back.
 
@@ -843,7 +868,7 @@ def distributed(
         check_order("distributed", inner)
         comm = _make_comm(process_group, backend, seconds)
         if params == "fsdp":
-            return mark(_fsdp(inner, comm, reduce_metrics), inner, "distributed")
+            return mark(_fsdp(inner, comm, reduce_metrics, overlap), inner, "distributed")
         layouts: dict = {}
         checked = [False]
 
