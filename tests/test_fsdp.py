@@ -242,12 +242,13 @@ def test_sharded_state_helpers_outside_distributed():
 
 
 @pytest.mark.slow
-def test_killed_peer_of_a_sharded_step_gives_the_survivor_a_clear_error(tmp_path):
+@pytest.mark.parametrize("sig, timeout, expect", [(signal.SIGKILL, "30", "peer rank has died"), (signal.SIGSTOP, "2", "within timeout=2s")])
+def test_a_dead_or_hung_peer_of_a_sharded_step_gives_the_survivor_a_clear_error(tmp_path, sig, timeout, expect):
     port = str(_free_port())
     procs = []
     for rank in range(2):
         env = _env(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
-        procs.append(subprocess.Popen([sys.executable, str(WORKER), "loop", str(tmp_path), "30"], env=env,
+        procs.append(subprocess.Popen([sys.executable, str(WORKER), "loop", str(tmp_path), timeout], env=env,
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     survivor, victim = procs
     deadline = time.monotonic() + 90
@@ -257,15 +258,16 @@ def test_killed_peer_of_a_sharded_step_gives_the_survivor_a_clear_error(tmp_path
                 p.kill()
             raise AssertionError("the ranks did not start: " + "".join(p.communicate()[1][-2000:] for p in procs))
         time.sleep(0.05)
-    victim.send_signal(signal.SIGKILL)
+    victim.send_signal(sig)
     t0 = time.monotonic()
     try:
         _, err = survivor.communicate(timeout=40)
     finally:
         survivor.kill()
+        victim.kill()
         victim.wait()
     assert survivor.returncode not in (0, None)
-    assert "DistributedError" in err and "rank 0 of 2" in err and "peer rank has died" in err, err[-3000:]
+    assert "DistributedError" in err and "rank 0 of 2" in err and expect in err, err[-3000:]
     assert time.monotonic() - t0 < 15
 
 
