@@ -77,6 +77,28 @@ def test_batches_of_differing_shapes_in_a_group_run_as_single_steps_under_the_gu
     assert step._multi.compiles == 1  # never a recompile of the K-step graph for it
 
 
+def test_the_k_step_graph_has_its_own_recompile_guard():
+    step = tk.jit(train_step, backend="aot_eager", steps_per_call=2, max_recompiles=0)
+    state, _ = step(make_state(), batches(2))
+    state, _ = step(state, batches(2))  # the 2-step graph, batches of 32
+    with pytest.warns(RecompileWarning, match=r"its 2-step graph\) compiled 2 times(.|\n)*size"):
+        state, _ = step(state, batches(2, size=24))  # whole groups of another size: that graph recompiles
+    assert step._multi.compiles == 2 and state.step == 6
+
+
+def test_outer_hooks_reach_every_sub_step():
+    class Double(tk.StepHook):
+        def grads(self, grads, params):
+            return [2 * g for g in grads]
+
+    step = tk.jit(train_step, backend="aot_eager", steps_per_call=2)
+    with tk.hooks(Double(), params=make_state().params):
+        s_k, _ = run(step, make_state(), batches(4), 2)
+        s_1, _ = singles(make_state(), batches(4))
+    assert step._multi.compiles == 1
+    assert_states_close(s_k, s_1)
+
+
 def test_dropout_draws_per_sub_step_as_the_single_step_does():
     from test_jit import make_state as make
 
