@@ -96,7 +96,7 @@ def time_ddp(data: list) -> float:
     t0 = time.perf_counter()
     for b in data:
         loss = one(b)
-    float(loss)
+    float(loss.detach())
     return (time.perf_counter() - t0) / len(data)
 
 
@@ -157,7 +157,7 @@ def time_fsdp2(data: list) -> tuple[float, int]:
     t0 = time.perf_counter()
     for b in data:
         loss = one(b)
-    float(loss)
+    float(loss.detach())
     elapsed = (time.perf_counter() - t0) / len(data)
     tensors = [*model.parameters(), *(v for st in opt.state.values() for v in st.values() if isinstance(v, torch.Tensor))]
     local = [t.to_local() if hasattr(t, "to_local") else t for t in tensors]

@@ -697,6 +697,8 @@ class _Gatherer:
         return full
 
     def pre(self, module: torch.nn.Module, args: Any) -> None:
+        if torch.compiler.is_compiling() or not module._parameters:
+            return  # what tk.jit traces never holds sharded params (jit does not compose with distributed)
         swapped = [(attr, p) for attr, p in module._parameters.items() if p is not None and _is_ours(p)]
         if swapped:
             for attr, p in swapped:
@@ -704,6 +706,8 @@ class _Gatherer:
             self.saved.setdefault(id(module), []).append(swapped)
 
     def post(self, module: torch.nn.Module, args: Any, output: Any) -> None:
+        if torch.compiler.is_compiling() or not self.saved:
+            return
         stack = self.saved.get(id(module))
         if stack:
             for attr, p in stack.pop():
