@@ -9,7 +9,6 @@ whose rank was SIGKILLed. The comparisons with one process run here, in the test
 from __future__ import annotations
 
 import importlib.util
-import inspect
 import os
 import pickle
 import signal
@@ -217,17 +216,9 @@ def test_fit_resumes_from_a_sharded_checkpoint_in_one_process(tmp_path):
     loader = [W.global_batches()[i] for i in range(4)]
     ck = ShardedCheckpointer(tmp_path, every_n_steps=2)
     a, _ = tk.fit(W.train_step, _state(), loader, epochs=2, progress=False)
-    if not _fit_knows_sharded_checkpoints():
-        pytest.skip("trainkit.run does not call checkpoint.load_run / save on all ranks yet (see the report)")
     tk.fit(W.train_step, _state(), loader, epochs=1, checkpoint=ck, progress=False)
     b, _ = tk.fit(W.train_step, _state(), loader, epochs=2, checkpoint=ck, resume="latest", progress=False)
     assert_trees_equal(b.params, a.params)
-
-
-def _fit_knows_sharded_checkpoints() -> bool:
-    import trainkit.run
-
-    return "all_ranks" in inspect.getsource(trainkit.run)
 
 
 def test_sharded_state_helpers_outside_distributed():
@@ -308,8 +299,6 @@ def _elastic(tmp_path: Path, mode: str) -> list[dict]:
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["replicated", "fsdp"])
 def test_a_rank_killed_mid_epoch_restarts_and_ends_bit_identical(tmp_path, mode):
-    if mode == "fsdp" and not _fit_knows_sharded_checkpoints():
-        pytest.skip("trainkit.run does not call ShardedCheckpointer.save on every rank yet (see the report)")
     results = _elastic(tmp_path, mode)
     for r in results:
         assert r["attempt"] == 1  # torchrun restarted the group once

@@ -559,7 +559,8 @@ def _observers(
         out.append(_PlainProgress(progress if type(progress) is int else None, epochs))
     if logger is not None and main:
         out.append(_Logging(logger, log_every))
-    if checkpoint is not None and main:
+    if checkpoint is not None and (main or getattr(checkpoint, "all_ranks", False)):
+        # a sharded checkpointer (all_ranks = True) saves collectively: every rank writes its shard
         out.append(_Checkpointing(checkpoint, steps_per_epoch))
     return out
 
@@ -574,7 +575,8 @@ def _start(state: TrainState, checkpoint: Any, resume: Any, gauges: frozenset[st
         path = checkpoint.latest() if str(resume) == "latest" else resume
     if path is None:
         return state.clone(), RunPosition(mean=Mean(gauges)), False  # fit donates its own copy
-    state, meta = load_run(path, like=state)  # new tensors: nothing of the caller's is donated
+    load = getattr(checkpoint, "load_run", None) or load_run  # a ShardedCheckpointer reads its own format
+    state, meta = load(path, like=state)  # new tensors: nothing of the caller's is donated
     if checkpoint is not None:
         checkpoint.restore(meta)  # the best-k ranking as it was when this checkpoint was saved
     return state, RunPosition.from_meta(meta, gauges), True
