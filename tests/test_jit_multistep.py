@@ -221,3 +221,15 @@ def test_donated_calls_reuse_the_lr_tensors_without_recompiling(lr):
     eager, _ = train_step(eager.with_lr(0.5), batches(1)[0])
     assert_states_close(changed, eager)
     assert step.compiles == 1
+
+
+@pytest.mark.parametrize("lr", [1e-2, "schedule"])
+def test_fit_with_k_steps_per_call_never_recompiles_across_epochs(lr):
+    # a constant LR hands back its base_lr tensor as the lr: reused as is, the two would alias
+    tx = tk.optim.adam(tk.optim.cosine_decay_schedule(1e-2, 50) if lr == "schedule" else lr)
+    torch.manual_seed(0)
+    from test_jit import mlp
+
+    step = tk.jit(train_step, backend="aot_eager", steps_per_call=4, max_recompiles=0, on_recompile="raise")
+    state, _ = tk.fit(step, tk.TrainState.create(mlp(), tx), batches(10), epochs=3, progress=False)
+    assert state.step == 30 and step.compiles == 2 and type(state.lr) is float

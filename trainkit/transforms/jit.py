@@ -144,6 +144,37 @@ def _lr_float(lr: Any) -> Any:
     return float(lr) if isinstance(lr, Tensor) else lr
 
 
+def _lr_floats(opt_state: Any) -> tuple[Any, bool]:
+    """``opt_state`` with its LR tensors as floats, and whether one tensor stood in two places."""
+    seen: set[int] = set()
+    shared = False
+
+    def to_float(v: Any) -> Any:
+        nonlocal shared
+        if not isinstance(v, Tensor):
+            return v
+        shared = shared or id(v) in seen
+        seen.add(id(v))
+        return float(v)
+
+    return _optim.map_lr(opt_state, to_float), shared
+
+
+def _unshared(opt_state: Any) -> Any:
+    """``opt_state`` with a copy of each LR tensor that already stood in an earlier place."""
+    seen: set[int] = set()
+
+    def distinct(v: Any) -> Any:
+        if not isinstance(v, Tensor):
+            return v
+        if id(v) in seen:
+            return v.clone()
+        seen.add(id(v))
+        return v
+
+    return _optim.map_lr(opt_state, distinct)
+
+
 def _check_metrics(out: Any, name: str) -> None:
     if not (isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], dict)):
         return  # not a step's output: the runner says what is wrong
@@ -472,11 +503,14 @@ class JittedStep:
             self._after_compile(graph)
         new_state = out[0] if type(out) is tuple and len(out) == 2 else None
         if isinstance(new_state, TrainState):  # (an update that was vetoed hands back our LR tensors too)
-            lr_state = _optim.map_lr(new_state.opt_state, _lr_float)
-            if lr_state is not new_state.opt_state:
+            tensors = new_state.opt_state
+            lr_state, shared = _lr_floats(tensors)
+            if lr_state is not tensors:
                 out = (new_state.replace(opt_state=lr_state), out[1])
                 if donated and self._reuse_lr:  # the same values, as tensors: the next donated call's input
-                    self._lr_cache = (lr_state, new_state.opt_state)
+                    # One tensor in two places (a constant LR hands back its base_lr as the lr) would
+                    # be an aliased input, which dynamo guards on: a recompile. Those get copies.
+                    self._lr_cache = (lr_state, _unshared(tensors) if shared else tensors)
         return out
 
     def _after_compile(self, graph: _Graph) -> None:
