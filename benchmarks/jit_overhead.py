@@ -48,6 +48,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     p.add_argument("--calls", type=int, default=400)
     p.add_argument("--smoke", action="store_true")
     p.add_argument("--cpp-wrapper", action="store_true", help="also time tk.jit(step, options={'cpp_wrapper': True})")
+    p.add_argument("--schedule", action="store_true", help="Adam under a cosine schedule (default: a constant LR)")
     args = p.parse_args(argv)
     backend = "aot_eager" if args.smoke else "inductor"
     rounds, calls = (2, 20) if args.smoke else (args.rounds, args.calls)
@@ -70,8 +71,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     try:
         one = tk.jit(train_step, backend=backend)
         eight = tk.jit(train_step, backend=backend, steps_per_call=8)
-        s1 = tk.TrainState.create(copy.deepcopy(model), tk.optim.adam(1e-3))
-        s8 = tk.TrainState.create(copy.deepcopy(model), tk.optim.adam(1e-3))
+        lr = tk.optim.cosine_decay_schedule(1e-3, 10**6) if args.schedule else 1e-3
+        s1 = tk.TrainState.create(copy.deepcopy(model), tk.optim.adam(lr))
+        s8 = tk.TrainState.create(copy.deepcopy(model), tk.optim.adam(lr))
         with tk.donating():
             s1, _ = one(s1, batches[0])
             for _ in range(2):
@@ -142,7 +144,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                 us = per_call_us(pieces[name], n)
                 times[name].append(us / 8 if "K=8" in name else us)
     med = {k: statistics.median(v) for k, v in times.items()}
-    print(f"tk.jit per-call cost, {w.name}, torch {torch.__version__}, backend {backend}, {rounds} rounds (median us per call)")
+    what = "cosine schedule" if args.schedule else "constant LR"
+    print(f"tk.jit per-call cost, {w.name}, Adam ({what}), torch {torch.__version__}, {backend}, {rounds} rounds (median us/call)")
     for k, v in med.items():
         print(f"  {k:24s} {v:8.1f} us")
     if has_graph:
