@@ -345,3 +345,12 @@ def test_run_has_no_function_over_60_lines():
             if lines > 60:
                 long.append((node.name, lines))
     assert long == []
+
+
+def test_a_transform_around_a_k_step_jit_is_an_error_when_wrapping():
+    k_step = tk.jit(lambda s, b: (s, {}), backend="eager", steps_per_call=4)
+    with pytest.raises(ValueError, match=r"steps_per_call=4.*Put mixed_precision inside"):
+        tk.mixed_precision(k_step, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="Put lr_range_test inside"):
+        tk.lr_range_test(k_step)
+    assert tk.is_epoch_step(tk.early_stop(tk.epoch_step(k_step), monitor="val_loss"))  # around the fold: fine
