@@ -127,13 +127,6 @@ def check_order(name: str, inner: Callable[..., Any]) -> None:
     if info is not None and info.level not in ("any", level):
         want = "a batch step (state, batch) -> (state, metrics)" if info.level == "batch" else "an epoch step (tk.epoch_step)"
         raise TypeError(f"{name} wraps {want}, got {'an epoch' if level == 'epoch' else 'a batch'} step. Write {info.how}.")
-    per_call = getattr(inner, "steps_per_call", 1)
-    if per_call > 1 and name != "jit":
-        raise ValueError(
-            f"{name}: the step is tk.jit(..., steps_per_call={per_call}), which takes lists of {per_call} batches; "
-            f"a transform around it would pass one batch. Put {name} inside: "
-            f"tk.jit(tk.{name}(step, ...), steps_per_call={per_call}) (or, for an epoch-level one, around tk.epoch_step)."
-        )
     applied = applied_transforms(inner)
     if name in applied:
         raise ValueError(f"{name}: the step is already wrapped by {name} (transforms applied: {list(applied)}). Apply it once.")
@@ -141,3 +134,10 @@ def check_order(name: str, inner: Callable[..., Any]) -> None:
         why = RULES.get((name, below))
         if why is not None:
             raise ValueError(f"{name}: the step is already wrapped by {below}; {why}")
+    per_call = getattr(inner, "steps_per_call", 1)
+    if per_call > 1:  # (a rule above already refused the transforms that cannot be compiled at all)
+        raise ValueError(
+            f"{name}: the step is tk.jit(..., steps_per_call={per_call}), which takes lists of {per_call} batches; "
+            f"a transform around it would pass one batch. Put {name} inside: "
+            f"tk.jit(tk.{name}(step, ...), steps_per_call={per_call}) (or, for an epoch-level one, around tk.epoch_step)."
+        )
