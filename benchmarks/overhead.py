@@ -3,7 +3,7 @@
 Same model and initial weights, same batches (in memory, so data loading is not timed),
 same optimizer (Adam; the hand loop both with torch's CPU default, one tensor at a time, and with
 foreach=True). Whole runs alternate A, B, A, B, ... in this one process, because
-separate processes on this machine vary up to 2x (ENVIRONMENT.md); the median of each
+separate processes on a shared 2-core machine vary up to 2x (measured); the median of each
 contender's runs is compared. Prints steps/s, the ratio trainkit/hand (higher is better)
 and the final losses, which must agree within 1e-5.
 
