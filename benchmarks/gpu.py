@@ -1,4 +1,4 @@
-"""GPU benchmarks, prepared as ONE script for one call on a lent GPU machine (a machine lent for a few minutes: everything runs in one call).
+"""GPU benchmarks, prepared as ONE script for one call on a lent GPU machine (lent for minutes: all in one call).
 
     python benchmarks/gpu.py                # on the GPU: writes benchmarks/results/gpu.md, gpu.json, gpu.png
     python benchmarks/gpu.py --smoke        # any machine, CPU, tiny sizes, seconds: checks the script runs
