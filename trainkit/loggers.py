@@ -241,7 +241,40 @@ class TensorBoardLogger:
             self._file = None
 
 
-class CSVLogger:
+class _FileLogger:
+    """What the CSV and JSON Lines loggers share: the lazy, rank-0-only run folder, its metrics file,
+    and ``log_hyperparams`` (``hparams.json``, and the metrics as one more record)."""
+
+    _FILE = ""
+
+    def __init__(self, root: PathLike = "runs", name: str | None = "default") -> None:
+        self._run = _RunFolder(root, name, type(self).__name__)
+
+    @property
+    def log_dir(self) -> Path | None:
+        """``root/name/version_N`` (created on first use), or ``None`` off rank 0."""
+        return self._run.path
+
+    @property
+    def path(self) -> Path | None:
+        """The metrics file in ``log_dir``, or ``None`` off rank 0."""
+        log_dir = self.log_dir
+        return None if log_dir is None else log_dir / self._FILE
+
+    def log_hyperparams(self, params: Mapping[str, Any], metrics: Mapping[str, float] | None = None, *,
+                        step: int = 0) -> None:
+        """Write ``hparams.json``; the metrics, if any, as one more record at ``step``."""
+        who = f"{type(self).__name__}.log_hyperparams"
+        clean = _clean_hparams(params, who)
+        values = _floats(metrics, who)
+        if self.log_dir is None:
+            return
+        _write_hparams(self.log_dir, clean)
+        if values:
+            self.log_metrics(values, step)
+
+
+class CSVLogger(_FileLogger):
     """Append metrics to ``root/name/version_N/metrics.csv`` (one row per ``log_metrics`` call).
 
     Columns grow as new metric names appear (the file is rewritten then, rarely). Each
@@ -263,21 +296,12 @@ class CSVLogger:
     ['step,loss,hp/acc', '3,1.5,', '3,,0.9']
     """
 
+    _FILE = "metrics.csv"
+
     def __init__(self, root: PathLike = "runs", name: str | None = "default") -> None:
-        self._run = _RunFolder(root, name, "CSVLogger")
+        super().__init__(root, name)
         self._columns: list[str] = ["step"]
         self._rows: list[dict[str, Any]] = []
-
-    @property
-    def log_dir(self) -> Path | None:
-        """``root/name/version_N`` (created on first use), or ``None`` off rank 0."""
-        return self._run.path
-
-    @property
-    def path(self) -> Path | None:
-        """The ``metrics.csv`` file, or ``None`` off rank 0."""
-        log_dir = self.log_dir
-        return None if log_dir is None else log_dir / "metrics.csv"
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         """Append one row: ``step`` and the metrics (empty cells for the columns not given)."""
@@ -302,17 +326,6 @@ class CSVLogger:
             w.writerows(self._rows)
         os.replace(tmp, path)
 
-    def log_hyperparams(self, params: Mapping[str, Any], metrics: Mapping[str, float] | None = None, *,
-                        step: int = 0) -> None:
-        """Write ``hparams.json``; the metrics, if any, as a row at ``step``."""
-        clean = _clean_hparams(params, "CSVLogger.log_hyperparams")
-        values = _floats(metrics, "CSVLogger.log_hyperparams")
-        if self.log_dir is None:
-            return
-        _write_hparams(self.log_dir, clean)
-        if values:
-            self.log_metrics(values, step)
-
     def flush(self) -> None:
         """Nothing to do: every row is written when it is logged."""
 
@@ -320,7 +333,7 @@ class CSVLogger:
         """Nothing to do: every row is written when it is logged (later rows append)."""
 
 
-class JSONLLogger:
+class JSONLLogger(_FileLogger):
     """Append one JSON object per ``log_metrics`` call to ``root/name/version_N/metrics.jsonl``.
 
     Each line is flushed as it is written; ``close`` closes the file (again: nothing) and a
@@ -341,20 +354,11 @@ class JSONLLogger:
     [{'step': 3, 'loss': 1.5}, {'step': 3, 'hp/acc': 0.9}]
     """
 
+    _FILE = "metrics.jsonl"
+
     def __init__(self, root: PathLike = "runs", name: str | None = "default") -> None:
-        self._run = _RunFolder(root, name, "JSONLLogger")
+        super().__init__(root, name)
         self._file: Any = None
-
-    @property
-    def log_dir(self) -> Path | None:
-        """``root/name/version_N`` (created on first use), or ``None`` off rank 0."""
-        return self._run.path
-
-    @property
-    def path(self) -> Path | None:
-        """The ``metrics.jsonl`` file, or ``None`` off rank 0."""
-        log_dir = self.log_dir
-        return None if log_dir is None else log_dir / "metrics.jsonl"
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         """Append ``{"step": step, **metrics}`` as one line."""
@@ -366,17 +370,6 @@ class JSONLLogger:
             self._file = open(path, "a")
         self._file.write(line)
         self._file.flush()
-
-    def log_hyperparams(self, params: Mapping[str, Any], metrics: Mapping[str, float] | None = None, *,
-                        step: int = 0) -> None:
-        """Write ``hparams.json``; the metrics, if any, as a line at ``step``."""
-        clean = _clean_hparams(params, "JSONLLogger.log_hyperparams")
-        values = _floats(metrics, "JSONLLogger.log_hyperparams")
-        if self.log_dir is None:
-            return
-        _write_hparams(self.log_dir, clean)
-        if values:
-            self.log_metrics(values, step)
 
     def flush(self) -> None:
         """Flush the file (each line is already flushed as it is written)."""
