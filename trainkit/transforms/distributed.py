@@ -349,6 +349,21 @@ class _GradientReducer(_functional.StepHook):
 # --------------------------------------------------------------------------- metrics and the first step
 
 
+def _finish(
+    new_state: TrainState, metrics: Mapping[str, Any], rounds: int, comm: _Comm, reduce: bool, n: int, step: int
+) -> tuple[TrainState, Mapping[str, Any]]:
+    """After a distributed step: no gradient exchanged is an error; the metrics averaged over ranks if asked."""
+    if rounds == 0:
+        raise RuntimeError(
+            "distributed: the step computed no gradients through trainkit.value_and_grad, so nothing was "
+            "averaged across ranks and they would drift apart. Compute them with tk.value_and_grad(loss_fn)(state.params)."
+        )
+    if not reduce:
+        return new_state, metrics
+    device = new_state.device if comm.backend == "nccl" else torch.device("cpu")
+    return new_state, _reduce_metrics(metrics, n, comm, device, step)
+
+
 def _mean_over_ranks(tensors: Mapping[str, Tensor], comm: _Comm, step: int) -> dict[str, Tensor]:
     """The mean over ranks of a dict of tensors (MultiSteps' accumulator): one all-reduce per dtype."""
     out: dict[str, Tensor] = {}
@@ -764,15 +779,7 @@ def _fsdp(inner: Callable[..., Any], comm: _Comm, reduce_metrics: bool, overlap:
             raise comm.error("parameter all-gather or gradient reduce-scatter", state.step, e) from e
         finally:
             _GATHERER.ready = {}  # what the step did not use (none, for a step that runs every module)
-        if hook.rounds == 0:
-            raise RuntimeError(
-                "distributed: the step computed no gradients through trainkit.value_and_grad, so no gradient was "
-                "reduced across ranks. Compute them with tk.value_and_grad(loss_fn)(state.params)."
-            )
-        if reduce_metrics:
-            device = new_state.device if comm.backend == "nccl" else torch.device("cpu")
-            metrics = _reduce_metrics(metrics, batch_size(batch), comm, device, state.step)
-        return new_state, metrics
+        return _finish(new_state, metrics, hook.rounds, comm, reduce_metrics, batch_size(batch), state.step)
 
     return fsdp_step
 
@@ -898,15 +905,7 @@ def distributed(
                     new_state, metrics = check_step_output(inner(state, batch), "distributed: step")
             finally:
                 reducer.close()
-            if reducer.rounds == 0:
-                raise RuntimeError(
-                    "distributed: the step computed no gradients through trainkit.value_and_grad, so nothing was "
-                    "averaged across ranks and they would drift apart. Compute them with tk.value_and_grad(loss_fn)(state.params)."
-                )
-            if reduce_metrics:
-                device = new_state.device if comm.backend == "nccl" else torch.device("cpu")
-                metrics = _reduce_metrics(metrics, batch_size(batch), comm, device, state.step)
-            return new_state, metrics
+            return _finish(new_state, metrics, reducer.rounds, comm, reduce_metrics, batch_size(batch), state.step)
 
         return mark(distributed_step, inner, "distributed")
 
