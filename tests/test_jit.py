@@ -8,6 +8,7 @@ backends, which trace with dynamo exactly as inductor does but compile in a blin
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import pytest
@@ -110,6 +111,37 @@ def test_donated_jit_updates_in_place_and_equals_the_eager_step(jitted):
     assert s_jit.params["0.weight"] is weight and s_jit.buffers["1.running_mean"] is mean  # in place
     assert_states_close(s_jit, s_eager)
     assert jitted.compiles == compiles  # the pure call runs the donated graph on a copy: one graph for both
+
+
+@pytest.mark.parametrize("b1, b2", [(0.9, 0.999), (0.0, 0.99)])
+def test_traced_adam_bias_correction_equals_the_eager_one(b1, b2):
+    # Under a trace Adam's bias correction is computed as tensors (exp(t log b), so that inductor
+    # keeps it out of the element loops); b = 0 takes the log(0) = -inf path. aot_eager traces as
+    # inductor does, with eager's kernels: what differs is only that formula (and the traced backward's rounding).
+    def fresh() -> tk.TrainState:
+        torch.manual_seed(0)
+        return tk.TrainState.create(mlp(), tk.optim.adam(1e-2, b1=b1, b2=b2))
+
+    step = tk.jit(train_step, backend="aot_eager")
+    s_jit = s_eager = fresh()
+    for batch in batches(4, seed=3):
+        s_jit, _ = step(s_jit, batch)
+        s_eager, _ = train_step(s_eager, batch)
+    assert tk.optim.count(s_jit.opt_state) == 4
+    nu = lambda s: tk.optim.find_state(s.opt_state, "nu")
+    assert_trees_close((s_jit.params, nu(s_jit)), (s_eager.params, nu(s_eager)), **TOL)
+    moved = [(a - b).abs().max().item() for a, b in zip(s_jit.params.values(), fresh().params.values(), strict=True)]
+    assert max(moved) > 1e-3  # it trained
+
+
+@pytest.mark.parametrize("b1, b2", [(0.9, 0.999), (0.0, 0.99), (0.5, 0.0), (0.0, 0.0)])
+def test_the_traced_bias_correction_is_the_python_one(b1, b2):
+    from trainkit.optim._stages import _traced_bias_correction
+
+    for t in (1, 2, 7, 1000):
+        eps_c2, c = _traced_bias_correction(t, b1, b2, 1e-8)
+        c2 = math.sqrt(1 - b2**t)
+        assert eps_c2.item() == pytest.approx(1e-8 * c2, rel=1e-12) and c.item() == pytest.approx(c2 / (1 - b1**t), rel=1e-12)
 
 
 @pytest.mark.slow

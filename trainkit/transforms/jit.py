@@ -347,6 +347,13 @@ def _on_compile_end(args: Any) -> None:
         call.config = None
 
 
+# Dynamo must not trace the callbacks themselves: a backward compiled lazily, inside a frame
+# that runs under dynamo (a step with graph breaks, fullgraph=False), calls them there, and
+# tracing one would start a nested compile that waits on the lock its caller holds (a hang).
+_on_compile_start = torch._dynamo.disable(_on_compile_start, reason="trainkit.jit's compile callback")
+_on_compile_end = torch._dynamo.disable(_on_compile_end, reason="trainkit.jit's compile callback")
+
+
 def _install_callbacks() -> None:
     handler = torch._dynamo.callback_handler
     if _on_compile_start not in handler.start_callbacks:
