@@ -16,7 +16,18 @@ from typing import Any, Callable, Union
 import torch
 from torch import Tensor
 
-from ._base import STAGE, GradientTransformation, Params, apply_, clone_state, donated_fn, find_stages, map_stages, stage_kinds
+from ._base import (
+    STAGE,
+    GradientTransformation,
+    Params,
+    apply_,
+    clone_state,
+    donated_fn,
+    find_stages,
+    map_stage_kinds,
+    map_stages,
+    stage_kinds,
+)
 
 _LR = "scale_by_learning_rate"
 _MISSING = object()
@@ -210,9 +221,7 @@ def map_lr(opt_state: Any, fn: Callable[[Any], Any]) -> Any:
 
         return change
 
-    for kind, keys in _FLOATS.items():
-        opt_state = map_stages(opt_state, kind, mapper(keys))
-    return opt_state
+    return map_stage_kinds(opt_state, {kind: mapper(keys) for kind, keys in _FLOATS.items()})
 
 
 def count(opt_state: Any) -> int:

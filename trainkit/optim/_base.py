@@ -331,15 +331,33 @@ def clone_state(opt_state: Any) -> Any:
 
 def map_stages(opt_state: Any, kind: str, fn: Callable[[dict], dict], *, into_matches: bool = True) -> Any:
     """``opt_state`` with ``fn`` applied to every stage state of ``kind``; the same object where nothing changed."""
+    return map_stage_kinds(opt_state, {kind: fn}, into_matches=into_matches)
+
+
+def map_stage_kinds(opt_state: Any, fns: dict[str, Callable[[dict], dict]], *, into_matches: bool = True) -> Any:
+    """:func:`map_stages` for several kinds in one walk (``fns``: kind -> fn); the same object where nothing changed.
+
+    It runs on every call of a jitted step (the LR in and out of the graph), so it walks only
+    containers: a param-name dict of tensors (Adam's ``mu``) costs a loop, not a call per tensor.
+    """
     if isinstance(opt_state, dict):
-        if opt_state.get(STAGE) == kind:
+        kind = opt_state.get(STAGE)
+        fn = fns.get(kind) if isinstance(kind, str) else None
+        if fn is not None:
             opt_state = fn(opt_state)
             if not into_matches:
                 return opt_state
-        new = {k: map_stages(v, kind, fn, into_matches=into_matches) for k, v in opt_state.items()}
-        return opt_state if all(new[k] is v for k, v in opt_state.items()) else new
+        new: dict | None = None
+        for k, v in opt_state.items():
+            if isinstance(v, (dict, tuple, list)):
+                w = map_stage_kinds(v, fns, into_matches=into_matches)
+                if w is not v:
+                    if new is None:
+                        new = dict(opt_state)
+                    new[k] = w
+        return opt_state if new is None else new
     if isinstance(opt_state, (tuple, list)):
-        items = [map_stages(v, kind, fn, into_matches=into_matches) for v in opt_state]
+        items = [map_stage_kinds(v, fns, into_matches=into_matches) if isinstance(v, (dict, tuple, list)) else v for v in opt_state]
         return opt_state if all(a is b for a, b in zip(items, opt_state, strict=True)) else type(opt_state)(items)
     return opt_state
 
