@@ -69,9 +69,9 @@ def _traced_bias_correction(t: Any, b1: float, b2: float, eps: float) -> tuple[T
 
     Written as Python math on the traced count, they would be inlined by inductor into
     every element loop of the update, and computed again per 16 floats: C++ compiled
-    with ``-fmath-errno`` cannot hoist ``pow`` and ``sqrt`` out of a loop. That made
-    jit's Adam update 2-3x slower than torch's fused kernel (3.2 vs 2.5 ms a step on a
-    784-512-512-10 MLP, 2 CPU threads). As one small tensor computed through ``exp``,
+    with ``-fmath-errno`` cannot hoist ``pow`` and ``sqrt`` out of a loop. That made a
+    jitted step slower than the eager one (3.2 vs 2.7 ms on a 784-512-512-10 MLP with
+    Adam, 2 CPU threads; 2.4 ms with this). As one small tensor computed through ``exp``,
     read twice, inductor gives it a buffer of its own (its rule for a reused result
     of a costly op on CPU): each loop then loads two numbers. CPU only: a GPU's
     generated kernels were not measured, so they keep the Python math.
