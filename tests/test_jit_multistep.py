@@ -193,6 +193,9 @@ def test_inductor_k_step_graph_equals_single_steps():
     assert_states_close(s_k, s_1)
     assert_trees_close(m_k, m_1, **TOL)
     assert step._multi.compiles == 1 and step.compiles == 2
+    # on CPU the K-step graph gets inductor's C++ wrapper (faster to compile and to call), the one-step graph not
+    assert step._multi.backend.last_config["cpp_wrapper"] is True
+    assert "cpp_wrapper" not in step._single.backend.last_config
 
 
 # --------------------------------------------------------------------------- the lean call

@@ -70,6 +70,7 @@ code in the process is not affected.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import itertools
@@ -260,6 +261,9 @@ class _Backend:
 
     def __init__(self, owner: "JittedStep", backend: Any, mode: str | None, options: dict[str, Any] | None, dynamic: bool | None) -> None:
         self.owner, self.backend = owner, backend
+        self.options = dict(options or {})
+        self.k_steps = False  # the K-step graph's backend (see for_k_steps)
+        self.last_config: dict[str, Any] | None = None
         self.config: dict[str, Any] = {}
         if backend == "inductor":
             # Inductor's generated code asserts each input's size and stride (about 1 us each: a
@@ -270,14 +274,36 @@ class _Backend:
             self.config.update(options or {})
         self.__name__ = f"trainkit_jit_{backend if isinstance(backend, str) else getattr(backend, '__name__', 'backend')}"
 
+    def for_k_steps(self) -> "_Backend":
+        """The backend of the K-step graph: the same, with inductor's C++ wrapper on CPU unless ``options`` say.
+
+        A K-step graph launches K times the kernels of one step; its C++ wrapper launches them
+        without Python between, and compiles as one file: measured on a 32-64-10 MLP, K=8,
+        2 CPU threads, a cold compile of 21.4-21.7 s instead of 30.1-30.2 s, and 91-97 us a
+        step instead of 105-110 (a one-step graph gains nothing from it: it stays Python).
+        """
+        k = copy.copy(self)
+        k.config = dict(self.config)
+        k.k_steps = True
+        return k
+
     def __call__(self, gm: torch.fx.GraphModule, example_inputs: list[Any], **_: Any) -> Callable[..., Any]:
         self.owner._draws_random = self.owner._draws_random or _draws_random(gm)
         if self.backend == "inductor":
             from torch._inductor.compile_fx import compile_fx
 
-            return compile_fx(gm, example_inputs, config_patches=self.config)
+            config = self.config
+            if self.k_steps and "cpp_wrapper" not in self.options and _all_on_cpu(example_inputs):
+                config = {**config, "cpp_wrapper": True}
+            self.last_config = config  # what the last graph was compiled with (tests read it)
+            return compile_fx(gm, example_inputs, config_patches=config)
         inner = torch._dynamo.lookup_backend(self.backend) if isinstance(self.backend, str) else self.backend
         return inner(gm, example_inputs)
+
+
+def _all_on_cpu(example_inputs: list[Any]) -> bool:
+    devices = {t.device.type for t in example_inputs if isinstance(t, Tensor)}
+    return devices == {"cpu"}
 
 
 class _Call:
@@ -384,10 +410,11 @@ def _signature(batch: Any) -> Any:
 class _Graph:
     """One compiled function of a jitted step (the one-step graph, or the K-step one) and its recompile count."""
 
-    __slots__ = ("fn", "code", "compiled", "compiles", "reasons")
+    __slots__ = ("fn", "code", "backend", "compiled", "compiles", "reasons")
 
     def __init__(self, owner: "JittedStep", name: str, backend: "_Backend") -> None:
         self.fn = _fresh_function(name)
+        self.backend = backend
         self.code = self.fn.__code__
         self.compiled = torch.compile(self.fn, fullgraph=owner.fullgraph, backend=backend, dynamic=owner.dynamic)
         self.compiles = 0
@@ -428,7 +455,7 @@ class JittedStep:
         self._draws_random = False
         compiler = _Backend(self, backend, mode, options, dynamic)
         self._single = _Graph(self, self._name, compiler)
-        self._multi = _Graph(self, f"{self._name}_x{steps_per_call}", compiler) if steps_per_call > 1 else None
+        self._multi = _Graph(self, f"{self._name}_x{steps_per_call}", compiler.for_k_steps()) if steps_per_call > 1 else None
         self._multi_step = functools.partial(_run_steps, step)  # one object: dynamo guards on it
         self._lr_cache: tuple[Any, Any] | None = None  # (opt_state handed back, the same with LR tensors)
         # CUDA graphs (reduce-overhead) overwrite their outputs at the next replay: no reuse there
