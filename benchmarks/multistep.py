@@ -8,7 +8,9 @@ Each measurement runs in a fresh process with an empty inductor cache (TORCHINDU
 compile is cold, as a user's first run. Contenders:
 
   tk.jit K=1           tk.jit(train_step): one step per call (the one-step graph)
-  tk.jit K=<k>         tk.jit(train_step, steps_per_call=k): k steps unrolled into one graph
+  tk.jit K=<k>         tk.jit(train_step, steps_per_call=k): k steps unrolled into one graph (on CPU
+                       with inductor's C++ wrapper, jit's default for a K-step graph)
+  tk.jit python wrapper K=<k>  the same with options={"cpp_wrapper": False}: inductor's Python wrapper
   functional unrolled  a hand-written functional step (torch.func.grad_and_value + Adam on tensors) looped k
                        times in one torch.compile'd function: the unrolled graph without trainkit
   functional scan      the same step as the body of torch._higher_order_ops.scan over k stacked batches
@@ -74,7 +76,8 @@ def measure(kind: str, k: int, backend: str, steps: int) -> dict[str, Any]:
     batches = make_batches(w, 32, 0)
     calls = max(1, steps // k)
     if kind.startswith("tk.jit"):
-        jitted = tk.jit(train_step, backend=backend, steps_per_call=k)
+        options = {"cpp_wrapper": False} if "python wrapper" in kind and backend == "inductor" else None
+        jitted = tk.jit(train_step, backend=backend, steps_per_call=k, options=options)
         state = tk.TrainState.create(model, tk.optim.adam(1e-3))
         groups = [batches[i : i + k] for i in range(0, 32, k)] if k > 1 else batches
         with tk.donating():
@@ -172,7 +175,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         print("RESULT " + json.dumps(measure(args.one[0], int(args.one[1]), args.backend, args.steps)), flush=True)
         return []
     k, backend, steps = (2, "aot_eager", 8) if args.smoke else (args.k, "inductor", args.steps)
-    plan = [("tk.jit K=1", 1), (f"tk.jit K={k}", k), ("functional unrolled", k), ("functional scan", k)]
+    plan = [("tk.jit K=1", 1), (f"tk.jit K={k}", k), (f"tk.jit python wrapper K={k}", k)]
+    plan += [("functional unrolled", k), ("functional scan", k)]
     if args.only:
         plan = [(n, kk) for n, kk in plan if any(o in n for o in args.only)]
     rows = []
@@ -193,7 +197,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             got = f"failed: {row['error']}"
         else:
             got = f"cold compile {row['compile_s']:6.1f} s, {row['steps_per_s']:8,.0f} steps/s"
-        print(f"{name:22s} {got}", flush=True)
+        print(f"{name:28s} {got}", flush=True)
     return rows
 
 
