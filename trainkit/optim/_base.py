@@ -11,7 +11,7 @@ variant run on a copy of the state, so the two agree bit for bit.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, Iterator, NamedTuple
 
 import torch
 from torch import Tensor
@@ -364,40 +364,30 @@ def map_stage_kinds(opt_state: Any, fns: dict[str, Callable[[dict], dict]], *, i
 
 def find_stages(opt_state: Any, kind: str, *, into_matches: bool = True) -> list[dict]:
     """Every stage state of ``kind`` in ``opt_state``, in order (outermost first)."""
-    found: list[dict] = []
-
-    def visit(s: Any) -> None:
-        if isinstance(s, dict):
-            if s.get(STAGE) == kind:
-                found.append(s)
-                if not into_matches:
-                    return
-            for v in s.values():
-                visit(v)
-        elif isinstance(s, (tuple, list)):
-            for v in s:
-                visit(v)
-
-    visit(opt_state)
-    return found
+    return list(_walk_stages(opt_state, kind, into_matches))
 
 
 def stage_kinds(opt_state: Any) -> list[str]:
     """The names of the built-in stages in ``opt_state`` (for error messages)."""
-    kinds: list[str] = []
+    return [s[STAGE] for s in _walk_stages(opt_state, None, True)]
 
-    def visit(s: Any) -> None:
-        if isinstance(s, dict):
-            if isinstance(s.get(STAGE), str):
-                kinds.append(s[STAGE])
-            for v in s.values():
-                visit(v)
-        elif isinstance(s, (tuple, list)):
-            for v in s:
-                visit(v)
 
-    visit(opt_state)
-    return kinds
+def _walk_stages(s: Any, kind: str | None, into_matches: bool) -> Iterator[dict]:
+    """The stage states in ``s`` (of ``kind``; ``None``: all), outermost first; into a match only if ``into_matches``."""
+    if isinstance(s, dict):
+        name = s.get(STAGE)
+        if isinstance(name, str) and (kind is None or name == kind):
+            yield s
+            if not into_matches:
+                return
+        values: Any = s.values()
+    elif isinstance(s, (tuple, list)):
+        values = s
+    else:
+        return
+    for v in values:
+        if isinstance(v, (dict, tuple, list)):
+            yield from _walk_stages(v, kind, into_matches)
 
 
 # --------------------------------------------------------------------------- checking hyperparameters
